@@ -1,0 +1,32 @@
+"""Every YAML config shipped under pipelines/, eval/ and serving/ loads into its dataclass."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from recsys_slm.config import load_config
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _config_classes():
+    from pipelines.quickstart import QuickstartConfig
+    from recsys_slm.data.prepare import DataPrepareConfig
+
+    return {"quickstart": QuickstartConfig, "data": DataPrepareConfig}
+
+
+def _yaml_files():
+    return sorted(p for folder in ("pipelines", "eval", "serving") for p in (ROOT / folder).rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", _yaml_files(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_config_loads(path):
+    classes = _config_classes()
+    kind = path.parent.name
+    assert kind in classes, f"{path}: no config class registered for folder '{kind}' in this test"
+    load_config(classes[kind], path)
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# "), f"{path}: the first line must be a comment giving the command that runs it"
