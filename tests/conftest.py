@@ -113,3 +113,21 @@ def small_tables() -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     )
     users = pd.DataFrame({"user_id": ["1", "2", "3"], "age": [30, 40, 50]})
     return interactions, items, users
+
+
+# ------------------------------------------------------------------------------------------- model fixtures
+# Tiny random models (recsys_slm.models.tiny): built once per session, offline, in about a second each.
+@pytest.fixture(scope="session")
+def tiny_lm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Llama causal LM directory (seed 0) with the tiny ChatML tokenizer. Treat as read-only."""
+    from recsys_slm.models.tiny import build_tiny_causal_lm
+
+    return build_tiny_causal_lm(tmp_path_factory.mktemp("tiny_lm") / "model", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny sentence-transformers directory (BERT, 64-d, mean pooling + normalize). Treat as read-only."""
+    from recsys_slm.models.tiny import build_tiny_encoder
+
+    return build_tiny_encoder(tmp_path_factory.mktemp("tiny_encoder") / "model", seed=0)

@@ -65,7 +65,8 @@ RECBOLE_SHA256 = {
     "ml-100k.user": "4f670007d9cfbeb9807e757209af1555b9bcc186bde25e767f67cb67c6dd5972",
 }
 
-# Articles that catalogues move to the end ("Lion King, The"); "L'" attaches without a space.
+# Articles that catalogues move to the end ("Lion King, The"); "L'" attaches without a space. Portuguese "O"
+# is included for "The Convent (Convento, O)".
 ARTICLES = (
     "The",
     "A",

@@ -40,8 +40,8 @@ REQUIRED_COLUMNS: dict[str, tuple[str, ...]] = {
 # How many example rows / ids a problem message quotes.
 _MAX_EXAMPLES = 3
 
-# Order in which row-level rules run. A row is dropped (and reported) under the first rule it breaks, so the
-# counts in an error message equal the counts recorded by drop mode.
+# Order in which row-level rules run. In drop mode a row is dropped (and counted) under the first rule it
+# breaks; in error mode rows stay for the later rules so every problem is reported.
 DROP_REASONS = (
     "null_item_id_in_items",
     "null_title",
@@ -348,7 +348,7 @@ class _Checker:
 
     def structural(
         self, table: str, df: pd.DataFrame, column: str, ok: Callable[[pd.Series], bool], expected: str
-    ):
+    ) -> None:
         """Fatal dtype check: records a problem and marks the column broken (later row checks skip it)."""
         if column in df.columns and not ok(df[column]):
             self.add(table, column, 0, f"wrong dtype {_dtype_name(df[column])}; expected {expected}")
@@ -400,8 +400,9 @@ def validate_log(
     columns, wrong dtypes, duplicate ``item_id`` in items, duplicate ``user_id`` in users) always raise.
     Row-level problems (null ids/timestamps/titles, duplicate events, unknown items or users, null or
     out-of-scale ratings, labels not in {0, 1}) raise with ``on_invalid="error"``; with ``"drop"`` the rows are
-    removed and counted per reason in ``InteractionLog.dropped``. Each row counts under the first rule it
-    breaks, in the order of ``DROP_REASONS``. Row numbers in messages are 0-based positions in the input table.
+    removed and counted per reason in ``InteractionLog.dropped``, each row under the first rule it breaks (rules
+    run in the order of ``DROP_REASONS``). In error mode every rule sees every row with non-null keys, so a row
+    breaking two rules is reported twice. Row numbers in messages are 0-based positions in the input table.
 
     Args:
         interactions (pd.DataFrame): events; see the module docstring for the columns.

@@ -1,0 +1,41 @@
+"""Fine-tune the teacher ranker: the same job as ``recsys-slm teacher train``.
+
+    python -m pipelines.train_teacher --config pipelines/configs/teacher/smollm2_movielens.yaml [key=value ...]
+
+Needs a prepared data directory (``recsys-slm data prepare``; default ``$RECSYS_SLM_HOME/data/movielens-100k``).
+Writes ``out`` (a ``from_pretrained`` directory holding the best-validation-AUC weights, ``recsys_slm.json`` and
+``metrics.jsonl``); an interrupted run resumes from ``<out>.work/checkpoint-last`` when restarted with the same
+config. See ``docs/teacher.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from recsys_slm.config import load_config
+from recsys_slm.ranker.train import TeacherTrainConfig, train_teacher
+
+
+def main(cfg: TeacherTrainConfig) -> dict[str, Any]:
+    """Train and return the run summary (the manifest metrics plus ``out``)."""
+    summary = train_teacher(cfg)
+    print(
+        f"teacher -> {summary['out']}: best val AUC {summary['best_val_auc']} at step {summary['best_step']}, "
+        f"{summary['steps']} steps, {summary['s_per_step']:.2f} s/step"
+    )
+    return summary
+
+
+def cli(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default=None)
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    args = parser.parse_args(argv)
+    main(load_config(TeacherTrainConfig, args.config, args.overrides))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,0 +1,49 @@
+"""``recsys-slm teacher train``: fine-tune a causal LM as a pointwise Yes/No ranker (the teacher)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from recsys_slm.cli.common import add_config_args
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    teacher = sub.add_parser("teacher", help="fine-tune a causal LM as a pointwise ranker (the teacher)")
+    tsub = teacher.add_subparsers(dest="teacher_command", metavar="SUBCOMMAND", required=True)
+    train = tsub.add_parser(
+        "train",
+        help="fine-tune on the pointwise train split; keep the best validation-AUC weights",
+        description="Writes OUT (a from_pretrained model directory with recsys_slm.json and metrics.jsonl) "
+        "atomically; while running, OUT.work/ holds a resumable checkpoint: rerun the same command after an "
+        "interruption to continue. Config keys: docs/teacher.md.",
+    )
+    train.add_argument("--out", default=None, help="output model directory (overrides the config's out)")
+    add_config_args(train)
+    train.set_defaults(func=run_train)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from recsys_slm.config import load_config
+    from recsys_slm.ranker.train import TeacherTrainConfig, train_teacher, work_dir
+
+    overrides = list(args.overrides) + ([f"out={args.out}"] if args.out is not None else [])
+    cfg = load_config(TeacherTrainConfig, args.config, overrides)
+    out = cfg.resolved_out()
+    try:
+        summary = train_teacher(cfg)
+    except KeyboardInterrupt:
+        print(
+            f"\ninterrupted; rerun the same command to resume from the last checkpoint in {work_dir(out)}",
+            file=sys.stderr,
+        )
+        return 130
+    auc = summary["best_val_auc"]
+    print(f"teacher -> {summary['out']}")
+    print(
+        f"  steps {summary['steps']}/{summary['planned_steps']}  best val AUC "
+        f"{'n/a' if auc is None else f'{auc:.4f}'} (step {summary['best_step']})  "
+        f"{summary['s_per_step']:.2f} s/step  train time {summary['train_time_s']:.0f}s"
+        + ("  (stopped early)" if summary["stopped_early"] else "")
+    )
+    return 0
