@@ -69,6 +69,8 @@ def _classify(paths: list[str]) -> dict[str, Path]:
     found: dict[str, Path] = {}
     for raw in paths:
         path = Path(raw)
+        if not path.exists():
+            raise FileNotFoundError(f"{path} does not exist")
         if path.is_dir():
             for table in ("interactions", "items", "users"):
                 for ext in (".parquet", ".csv", ".tsv"):

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from recsys_slm.config import check, config_to_dict, save_config, validate_fields
-from recsys_slm.data.schema import InteractionLog, validate_log
+from recsys_slm.data.schema import DROP_REASONS, InteractionLog, validate_log
 from recsys_slm.data.tasks import (
     CandidateTaskConfig,
     PointwiseTaskConfig,
@@ -111,7 +111,8 @@ def prepare_dataset(cfg: DataPrepareConfig, log: InteractionLog | None = None) -
         "interactions": log.n_interactions,
         "users": log.n_users,
         "items": log.n_items,
-        "dropped": dict(log.dropped),
+        # every reason is listed (0 when nothing was dropped for it) so "nothing dropped" is explicit
+        "dropped": {reason: int(log.dropped.get(reason, 0)) for reason in DROP_REASONS},
         "notes": dict(log.notes),
         "tasks": {
             "pointwise": {split: len(frame) for split, frame in pointwise.items()},
