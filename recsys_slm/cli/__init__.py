@@ -12,7 +12,9 @@ import sys
 
 from recsys_slm import __version__
 from recsys_slm.cli import data as data_cmd
+from recsys_slm.cli import eval as eval_cmd
 from recsys_slm.cli import models as models_cmd
+from recsys_slm.cli import teacher as teacher_cmd
 from recsys_slm.config import ConfigError
 
 
@@ -25,6 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     data_cmd.register(sub)
     models_cmd.register(sub)
+    teacher_cmd.register(sub)
+    eval_cmd.register(sub)
     return parser
 
 

@@ -47,7 +47,11 @@ class BaselineConfig:
 
     def __post_init__(self) -> None:
         validate_fields(self)
-        check(self.rating_prior_weight >= 0, "rating_prior_weight", f"must be >= 0, got {self.rating_prior_weight}")
+        check(
+            self.rating_prior_weight >= 0,
+            "rating_prior_weight",
+            f"must be >= 0, got {self.rating_prior_weight}",
+        )
         check(self.like_prior_weight >= 0, "like_prior_weight", f"must be >= 0, got {self.like_prior_weight}")
         check(self.logreg_c > 0, "logreg_c", f"must be > 0, got {self.logreg_c}")
 
@@ -158,7 +162,9 @@ class ItemStats:
         m = self.prior_weight
         denom = n + m
         # With m = 0 an unseen item has no mean: fall back to the prior mean rather than dividing by zero.
-        return np.where(denom > 0, (s + m * self.global_mean) / np.where(denom > 0, denom, 1.0), self.global_mean)
+        return np.where(
+            denom > 0, (s + m * self.global_mean) / np.where(denom > 0, denom, 1.0), self.global_mean
+        )
 
 
 def history_like_rate(history_labels, prior: float, weight: float) -> np.ndarray:
@@ -211,6 +217,8 @@ class Baseline:
 
 
 class PopularityBaseline(Baseline):
+    """Score = the item's interaction count in the training interactions."""
+
     name = "popularity"
 
     def score_items(self, item_ids, user_rate):
@@ -218,6 +226,8 @@ class PopularityBaseline(Baseline):
 
 
 class ItemMeanRatingBaseline(Baseline):
+    """Score = the item's Bayesian mean rating ``(sum + m * mu) / (n + m)``."""
+
     name = "item_mean_rating"
 
     def score_items(self, item_ids, user_rate):
@@ -225,6 +235,8 @@ class ItemMeanRatingBaseline(Baseline):
 
 
 class UserLikeRateBaseline(Baseline):
+    """Score = P(like) estimated from the record's own history labels (same for every candidate of a user)."""
+
     name = "user_like_rate"
     is_probability = True
 
@@ -243,7 +255,9 @@ class LogisticRegressionBaseline(Baseline):
     name = "logreg"
     is_probability = True
 
-    def fit(self, train_records: pd.DataFrame, fit_interactions: pd.DataFrame, c: float) -> LogisticRegressionBaseline:
+    def fit(
+        self, train_records: pd.DataFrame, fit_interactions: pd.DataFrame, c: float
+    ) -> LogisticRegressionBaseline:
         """Fit on the pointwise train split with leave-one-out item features.
 
         Raises:
@@ -255,7 +269,9 @@ class LogisticRegressionBaseline(Baseline):
 
         y = train_records["label"].to_numpy(dtype=np.int64)
         if np.unique(y).size < 2:
-            raise ValueError("the pointwise train split has a single label class; logistic regression needs both")
+            raise ValueError(
+                "the pointwise train split has a single label class; logistic regression needs both"
+            )
         items = train_records["item_id"].astype(str).to_numpy(dtype=object)
         # Only records that really are in the fit set carry their own event in the item statistics.
         own = _event_index(train_records).isin(_event_index(fit_interactions))
@@ -269,6 +285,9 @@ class LogisticRegressionBaseline(Baseline):
             self.stats.popularity(items, own.astype(np.float64)),
             self.stats.mean_value(items, np.where(own, raw, np.nan)),
             self.user_rate(train_records),
+        )
+        self.train_features = (
+            x  # (N_train, 3), kept so tests and users can inspect the leave-one-out features
         )
         self.model = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=1000))
         self.model.fit(x, y)
@@ -303,13 +322,16 @@ def fit_baselines(
     prior = float(train_records["label"].mean()) if have_train else 0.5
     args = (stats, prior, config.like_prior_weight)
     baselines: dict[str, Baseline] = {
-        b.name: b for b in (PopularityBaseline(*args), ItemMeanRatingBaseline(*args), UserLikeRateBaseline(*args))
+        b.name: b
+        for b in (PopularityBaseline(*args), ItemMeanRatingBaseline(*args), UserLikeRateBaseline(*args))
     }
     if not have_train:
         notes.append("logreg skipped: no pointwise train split to fit it on")
     else:
         try:
-            baselines["logreg"] = LogisticRegressionBaseline(*args).fit(train_records, fit_interactions, config.logreg_c)
+            baselines["logreg"] = LogisticRegressionBaseline(*args).fit(
+                train_records, fit_interactions, config.logreg_c
+            )
         except ValueError as exc:
             notes.append(f"logreg skipped: {exc}")
     return baselines, notes

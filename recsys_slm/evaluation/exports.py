@@ -98,7 +98,9 @@ def write_trec_qrels(
 
 def _check_ids(qids: Sequence[str], item_ids_list: Sequence[Sequence[str]]) -> None:
     if not trec_safe(qids) or not all(trec_safe(ids) for ids in item_ids_list):
-        raise ValueError("query or item ids contain whitespace or are empty; they cannot be written as TREC files")
+        raise ValueError(
+            "query or item ids contain whitespace or are empty; they cannot be written as TREC files"
+        )
 
 
 def sanitize_tag(name: str) -> str:
@@ -127,7 +129,9 @@ def pointwise_predictions(
             "item_id": frame["item_id"].astype(str).to_numpy(),
             "label": frame["label"].to_numpy(dtype=np.int64),
             "score": np.asarray(scores[primary], dtype=np.float64),
-            "p_yes": np.asarray(probs[primary], dtype=np.float64) if probs.get(primary) is not None else np.nan,
+            "p_yes": np.asarray(probs[primary], dtype=np.float64)
+            if probs.get(primary) is not None
+            else np.nan,
         }
     )
     for name, values in scores.items():

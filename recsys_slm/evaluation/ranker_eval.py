@@ -37,13 +37,19 @@ from recsys_slm.evaluation.baselines import (
     training_interactions,
 )
 from recsys_slm.metrics.classification import pointwise_metrics
-from recsys_slm.metrics.ranking import DEFAULT_KS, candidate_ranks, ranking_metrics
+from recsys_slm.metrics.ranking import DEFAULT_KS, candidate_ranks, rank_of_targets, ranking_metrics
 from recsys_slm.model_dir import atomic_dir, code_version, read_manifest, write_json_atomic
 
 TaskKind = Literal["pointwise", "candidates"]
 MODEL_METHOD = "model"
 POINTWISE_COLUMNS = ("user_id", "item_id", "label", "history_item_ids", "history_labels")
-CANDIDATE_COLUMNS = ("user_id", "history_item_ids", "history_labels", "candidate_item_ids", "candidate_labels")
+CANDIDATE_COLUMNS = (
+    "user_id",
+    "history_item_ids",
+    "history_labels",
+    "candidate_item_ids",
+    "candidate_labels",
+)
 TIE_RULE = "score descending, then item_id ascending (Python string order)"
 
 
@@ -95,7 +101,11 @@ class RankerEvalConfig:
         check(len(self.ks) > 0, "ks", "needs at least one cut-off")
         check(all(k >= 1 for k in self.ks), "ks", f"cut-offs must be >= 1, got {self.ks}")
         check(len(set(self.ks)) == len(self.ks), "ks", f"cut-offs must be distinct, got {self.ks}")
-        check(self.model is not None or self.baselines, "baselines", "model is none and baselines is false: nothing to evaluate")
+        check(
+            self.model is not None or self.baselines,
+            "baselines",
+            "model is none and baselines is false: nothing to evaluate",
+        )
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -219,7 +229,9 @@ def _score_with_model(config: RankerEvalConfig, log, frame: pd.DataFrame, kind: 
     """Load the ranker and score ``frame``; returns (scores, probs, model info, throughput)."""
     from recsys_slm.ranker.ranker import Ranker, RankerConfig
 
-    ranker_cfg = RankerConfig(batch_size=config.batch_size, shared_prefix=config.shared_prefix, prompt=config.prompt)
+    ranker_cfg = RankerConfig(
+        batch_size=config.batch_size, shared_prefix=config.shared_prefix, prompt=config.prompt
+    )
     ranker = Ranker.load(config.model, ranker_cfg, log.items, log.users, device=config.device)
     params = list(ranker.model.parameters())
     manifest = read_manifest(config.model) if Path(str(config.model)).expanduser().is_dir() else None
@@ -241,7 +253,9 @@ def _score_with_model(config: RankerEvalConfig, log, frame: pd.DataFrame, kind: 
         scores = [np.asarray(s, dtype=np.float64) for s in ranker.score_candidate_task(frame)]
         probs = None
     thr = throughput_stats(ranker.timings, time.perf_counter() - start)
-    thr.update(batch_size=config.batch_size, shared_prefix=config.shared_prefix if kind == "candidates" else None)
+    thr.update(
+        batch_size=config.batch_size, shared_prefix=config.shared_prefix if kind == "candidates" else None
+    )
     return scores, probs, info, thr
 
 
@@ -261,9 +275,17 @@ def evaluate_ranker(config: RankerEvalConfig) -> dict[str, Any]:
     """
     from recsys_slm.data.schema import InteractionLog
 
-    check(config.task is not None, "task", "required: the task parquet to evaluate (e.g. DIR/tasks/candidates/test.parquet)")
+    check(
+        config.task is not None,
+        "task",
+        "required: the task parquet to evaluate (e.g. DIR/tasks/candidates/test.parquet)",
+    )
     check(config.out is not None, "out", "required: the output directory")
     frame, kind, n_file = load_task(config.task, config.max_records)
+    if kind == "candidates":
+        # Fail before the (slow) model pass on a list without a target or with duplicate ids.
+        ids_list = [[str(i) for i in c] for c in frame["candidate_item_ids"]]
+        rank_of_targets([np.zeros(len(c)) for c in ids_list], list(frame["candidate_labels"]), ids_list)
     data_dir = resolve_data_dir(config.task, config.data_dir)
     log = InteractionLog.load(data_dir)
     notes: list[str] = []
@@ -272,7 +294,9 @@ def evaluate_ranker(config: RankerEvalConfig) -> dict[str, Any]:
     probs: dict[str, np.ndarray | None] = {}
     model_info = throughput = None
     if config.model is not None:
-        scores[MODEL_METHOD], probs[MODEL_METHOD], model_info, throughput = _score_with_model(config, log, frame, kind)
+        scores[MODEL_METHOD], probs[MODEL_METHOD], model_info, throughput = _score_with_model(
+            config, log, frame, kind
+        )
 
     fit_info = None
     if config.baselines:
@@ -280,7 +304,9 @@ def evaluate_ranker(config: RankerEvalConfig) -> dict[str, Any]:
         baselines, fit_notes = fit_baselines(fit, train, config.baseline_fit)
         notes += fit_notes
         if kind == "candidates" and "user_like_rate" in baselines:
-            notes.append("user_like_rate is constant within a candidate list: its ranking is the tie rule alone")
+            notes.append(
+                "user_like_rate is constant within a candidate list: its ranking is the tie rule alone"
+            )
         for name, b in baselines.items():
             if kind == "pointwise":
                 scores[name] = b.score_pointwise(frame)
@@ -289,7 +315,9 @@ def evaluate_ranker(config: RankerEvalConfig) -> dict[str, Any]:
                 scores[name] = b.score_candidates(frame)
                 probs[name] = None
 
-    primary = MODEL_METHOD if MODEL_METHOD in scores else ("logreg" if "logreg" in scores else next(iter(scores)))
+    primary = (
+        MODEL_METHOD if MODEL_METHOD in scores else ("logreg" if "logreg" in scores else next(iter(scores)))
+    )
     order = [primary, *(m for m in scores if m != primary)]
     scores = {m: scores[m] for m in order}
 
@@ -313,7 +341,9 @@ def evaluate_ranker(config: RankerEvalConfig) -> dict[str, Any]:
         labels_list = [np.asarray(c, dtype=np.int64) for c in frame["candidate_labels"]]
         task_info["candidates"] = int(sum(len(c) for c in ids_list))
         for m in order:
-            metrics[m] = ranking_metrics(scores[m], labels_list, ids_list, config.ks, frame["user_id"].astype(str))
+            metrics[m] = ranking_metrics(
+                scores[m], labels_list, ids_list, config.ks, frame["user_id"].astype(str)
+            )
             ranks[m] = [candidate_ranks(s, ids) for s, ids in zip(scores[m], ids_list, strict=True)]
         primary_metric = "ndcg@10" if 10 in config.ks else f"ndcg@{max(config.ks)}"
 
@@ -350,7 +380,9 @@ def _write_outputs(tmp: Path, report, frame, kind, primary, scores, probs, ranks
     """predictions.parquet, TREC files and the plot; returns the written file names (plus the two to come)."""
     files = ["report.json", "summary.md", "predictions.parquet"]
     if kind == "pointwise":
-        exports.pointwise_predictions(frame, primary, scores, probs).to_parquet(tmp / "predictions.parquet", index=False)
+        exports.pointwise_predictions(frame, primary, scores, probs).to_parquet(
+            tmp / "predictions.parquet", index=False
+        )
         roc = report_mod.plot_roc(tmp / "roc.png", frame["label"].to_numpy(dtype=np.int64), scores)
         if roc is not None:
             files.append("roc.png")
@@ -358,18 +390,26 @@ def _write_outputs(tmp: Path, report, frame, kind, primary, scores, probs, ranks
             report["notes"].append("roc.png not written: the labels hold a single class")
         return files
     qids = exports.query_ids(frame["user_id"].astype(str).tolist())
-    exports.candidate_predictions(frame, qids, primary, scores, ranks).to_parquet(tmp / "predictions.parquet", index=False)
+    exports.candidate_predictions(frame, qids, primary, scores, ranks).to_parquet(
+        tmp / "predictions.parquet", index=False
+    )
     ids_list = [[str(i) for i in c] for c in frame["candidate_item_ids"]]
     if exports.trec_safe(qids) and all(exports.trec_safe(ids) for ids in ids_list):
         (tmp / "runs").mkdir()
         for m in scores:
-            exports.write_trec_run(tmp / "runs" / f"{m}.trec", qids, ids_list, ranks[m], exports.sanitize_tag(m))
+            exports.write_trec_run(
+                tmp / "runs" / f"{m}.trec", qids, ids_list, ranks[m], exports.sanitize_tag(m)
+            )
             files.append(f"runs/{m}.trec")
-        exports.write_trec_run(tmp / "run.trec", qids, ids_list, ranks[primary], exports.sanitize_tag(primary))
+        exports.write_trec_run(
+            tmp / "run.trec", qids, ids_list, ranks[primary], exports.sanitize_tag(primary)
+        )
         exports.write_trec_qrels(tmp / "qrels.trec", qids, ids_list, frame["candidate_labels"])
         files += ["run.trec", "qrels.trec"]
     else:
-        report["notes"].append("TREC files not written: some user or item ids are empty or contain whitespace")
+        report["notes"].append(
+            "TREC files not written: some user or item ids are empty or contain whitespace"
+        )
     k = report["primary_metric"].split("@")[1]
     report_mod.plot_ranking_bars(tmp / "ranking.png", report["metrics"], [f"ndcg@{k}", f"recall@{k}"])
     files.append("ranking.png")

@@ -61,7 +61,9 @@ def text_table(report: dict[str, Any]) -> str:
 
     def line(cells: list[str]) -> str:
         # Method names left-aligned, numbers right-aligned.
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
+        return "  ".join(
+            c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        )
 
     return "\n".join([line(header), *(line(r) for r in rows)])
 
@@ -95,7 +97,11 @@ def markdown_summary(report: dict[str, Any]) -> str:
         fit = report["baselines_fit"]
         lines.append(
             f"- baselines fitted on {fit['interactions']:,} training interactions"
-            + (f" (before t={fit['cutoff_timestamp']} plus the train records)" if fit.get("cutoff_timestamp") else "")
+            + (
+                f" (before t={fit['cutoff_timestamp']} plus the train records)"
+                if fit.get("cutoff_timestamp")
+                else ""
+            )
         )
     header, rows = metrics_rows(report)
     lines += ["", f"## Metrics (primary: {report['primary_method']}, {report['primary_metric']})", ""]
@@ -165,12 +171,18 @@ def plot_ranking_bars(path: str | Path, metrics: dict[str, dict[str, float]], ke
     width = 0.8 / max(len(keys), 1)
     for i, key in enumerate(keys):
         values = [metrics[m].get(key) for m in metrics]
-        ax.bar(x + i * width, [v if v is not None and math.isfinite(v) else 0.0 for v in values], width, label=key)
+        ax.bar(
+            x + i * width,
+            [v if v is not None and math.isfinite(v) else 0.0 for v in values],
+            width,
+            label=key,
+        )
     ax.set_xticks(x + width * (len(keys) - 1) / 2)
     ax.set_xticklabels(list(metrics), rotation=20, ha="right", fontsize=8)
-    ax.set_ylim(0, 1)
+    ax.set_ylim(0, 1.15)  # headroom so the legend never covers a bar at 1.0
+    ax.set_yticks(np.linspace(0, 1, 6))
     ax.set_title("candidate ranking")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, ncol=len(keys), loc="upper left")
     fig.tight_layout()
     fig.savefig(path)
     return Path(path)

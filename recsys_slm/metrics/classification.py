@@ -94,7 +94,9 @@ def accuracy(labels, probs, threshold: float = 0.5) -> float:
     return float(np.mean((p >= threshold).astype(np.int64) == y))
 
 
-def pointwise_metrics(labels, scores, probs=None, prefix: str = "", threshold: float = 0.5) -> dict[str, float]:
+def pointwise_metrics(
+    labels, scores, probs=None, prefix: str = "", threshold: float = 0.5
+) -> dict[str, float]:
     """All pointwise metrics of one scorer as ``{f"{prefix}{name}": value}``.
 
     Args:

@@ -151,7 +151,7 @@ def load_checkpoint(
     device = next(model.parameters()).device
     optimizer.load_state_dict(torch.load(directory / OPTIMIZER_FILE, map_location=device, weights_only=True))
     rng = torch.load(directory / RNG_FILE, weights_only=True)
-    pass
+    torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
     _restore_rng_json(info["rng"])

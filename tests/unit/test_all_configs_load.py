@@ -14,8 +14,16 @@ ROOT = Path(__file__).resolve().parents[2]
 def _config_classes():
     from pipelines.quickstart import QuickstartConfig
     from recsys_slm.data.prepare import DataPrepareConfig
+    from recsys_slm.evaluation.ranker_eval import RankerEvalConfig
+    from recsys_slm.ranker.train import TeacherTrainConfig
 
-    return {"quickstart": QuickstartConfig, "data": DataPrepareConfig}
+    # folder name under */configs/ -> the dataclass its YAML files load into
+    return {
+        "quickstart": QuickstartConfig,
+        "data": DataPrepareConfig,
+        "teacher": TeacherTrainConfig,
+        "ranker": RankerEvalConfig,
+    }
 
 
 def _yaml_files():
