@@ -1,6 +1,6 @@
 """Shared-prefix vs independent candidate scoring: items/s and speedup for N candidates per user, one run.
 
-    .venv/bin/python bench/shared_prefix.py [--model smollm2-135m-instruct] [--users 3] [--n 20 50 100]
+    .venv/bin/python -m bench.shared_prefix [--model smollm2-135m-instruct] [--users 3] [--n 20 50 100]
 
 Uses the prepared MovieLens-100K data (``recsys-slm data prepare``) and its leave-one-out test users; for each
 N, scores N candidates (the task's 20, topped up with other items) for each of ``--users`` users both ways,

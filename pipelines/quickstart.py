@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from recsys_slm.config import check, config_to_dict, load_config, validate_fields
-from recsys_slm.data.prepare import DataPrepareConfig, prepare_dataset, read_summary
+from recsys_slm.config import check, load_config, validate_fields
+from recsys_slm.data.prepare import DataPrepareConfig, is_prepared, prepare_dataset, read_summary
 from recsys_slm.data.prompts import PromptConfig, PromptRenderer
 from recsys_slm.data.schema import InteractionLog
 
@@ -45,10 +45,9 @@ class QuickstartConfig:
 
 def ensure_data(cfg: DataPrepareConfig) -> dict:
     """Prepare the data directory unless it already holds the same resolved config (idempotent)."""
-    summary = read_summary(cfg.resolved_out())
-    if summary is not None and summary.get("config") == config_to_dict(cfg):
+    if is_prepared(cfg):
         print(f"[data] using prepared data in {cfg.resolved_out()}")
-        return summary
+        return read_summary(cfg.resolved_out())
     print(f"[data] preparing {cfg.dataset} into {cfg.resolved_out()}")
     return prepare_dataset(cfg)
 

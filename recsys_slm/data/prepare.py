@@ -5,7 +5,7 @@ Output layout (written atomically: a crash leaves no half-written directory)::
     DIR/interactions.parquet  items.parquet  users.parquet (if any)
     DIR/tasks/pointwise/{train,val,test}.parquet      # TALLRec protocol
     DIR/tasks/candidates/{val,test}.parquet           # leave-one-out, target + N sampled negatives
-    DIR/summary.json                                  # counts, dropped rows, task sizes
+    DIR/summary.json                                  # counts, dropped rows, task sizes, item-stats cutoff
     DIR/config.yaml                                   # the resolved DataPrepareConfig
 """
 
@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from recsys_slm.config import check, config_to_dict, save_config, validate_fields
+from recsys_slm.data.item_stats import add_item_statistics, candidate_target_events
 from recsys_slm.data.schema import DROP_REASONS, InteractionLog, validate_log
 from recsys_slm.data.tasks import (
     CandidateTaskConfig,
@@ -28,6 +29,9 @@ from recsys_slm.data.tasks import (
 from recsys_slm.model_dir import atomic_dir, cache_home, write_json_atomic
 
 SUMMARY_NAME = "summary.json"
+# Bump when the layout or content of a prepared directory changes, so cached directories are rebuilt.
+# 2: items carry train-period statistics (stats_*, rating_summary).
+DATA_FORMAT_VERSION = 2
 
 
 @dataclass
@@ -105,8 +109,21 @@ def prepare_dataset(cfg: DataPrepareConfig, log: InteractionLog | None = None) -
         log = load_source(cfg)
     pointwise, pointwise_stats = build_pointwise_task(log, cfg.pointwise)
     candidates, candidate_stats = build_candidate_task(log, cfg.candidates)
+    # Item statistics for prompts, from train-period events only (see recsys_slm/data/item_stats.py).
+    train = pointwise["train"]
+    cutoff = int(train["timestamp"].max()) if len(train) else int(log.interactions["timestamp"].min()) - 1
+    scale_max = cfg.rating_scale[1] if cfg.rating_scale else (5.0 if cfg.dataset == "movielens-100k" else None)
+    log.items = add_item_statistics(
+        log.items,
+        log.interactions,
+        cutoff,
+        like_threshold=cfg.pointwise.like_threshold,
+        exclude_events=candidate_target_events(candidates),
+        scale_max=scale_max,
+    )
     out = cfg.resolved_out()
     summary = {
+        "format_version": DATA_FORMAT_VERSION,
         "dataset": cfg.dataset,
         "interactions": log.n_interactions,
         "users": log.n_users,
@@ -119,6 +136,7 @@ def prepare_dataset(cfg: DataPrepareConfig, log: InteractionLog | None = None) -
             "candidates": {split: len(frame) for split, frame in candidates.items()},
         },
         "task_stats": {"pointwise": pointwise_stats, "candidates": candidate_stats},
+        "item_stats_cutoff": cutoff,
         "config": config_to_dict(cfg),
     }
     with atomic_dir(out) as tmp:
@@ -135,3 +153,13 @@ def read_summary(data_dir: str | Path) -> dict[str, Any] | None:
     """The summary of a prepared data directory, or None if it is not one."""
     path = Path(data_dir) / SUMMARY_NAME
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+def is_prepared(cfg: DataPrepareConfig) -> bool:
+    """True when ``cfg``'s output directory holds data prepared with the same config and format version."""
+    summary = read_summary(cfg.resolved_out())
+    return (
+        summary is not None
+        and summary.get("format_version") == DATA_FORMAT_VERSION
+        and summary.get("config") == config_to_dict(cfg)
+    )

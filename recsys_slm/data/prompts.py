@@ -25,7 +25,7 @@ import pandas as pd
 from recsys_slm.config import check, validate_fields
 
 CANDIDATE_FIELD = "candidate"
-_TEMPLATE_FIELDS = {"instruction", "profile", "liked", "disliked", CANDIDATE_FIELD}
+_TEMPLATE_FIELDS = {"instruction", "profile", "liked", "disliked", "n_liked", "n_disliked", "n_history", CANDIDATE_FIELD}
 
 
 class PromptTooLongError(ValueError):
@@ -39,12 +39,14 @@ class PromptConfig:
     Fields:
         system (str): system message; empty string = no system turn (the chat template may add its default).
         instruction (str): the task wording, inserted as ``{instruction}``.
-        user_template (str): the user turn; fields ``{instruction} {profile} {liked} {disliked} {candidate}``.
-            ``{candidate}`` must appear exactly once (the candidate is never truncated).
+        user_template (str): the user turn; fields ``{instruction} {profile} {liked} {disliked} {candidate}``
+            and the counts of the kept history ``{n_liked} {n_disliked} {n_history}``. ``{candidate}`` must
+            appear exactly once (the candidate is never truncated).
         profile_template (str): rendered from the user's attribute columns (e.g. ``{age}``, ``{occupation}``);
             empty string = no profile. Default "".
         history_field (str): items column used for history entries. Default "title".
-        candidate_field (str): items column used for the candidate. Default "text".
+        candidate_template (str): the candidate's text, formatted from its items row (any column, e.g.
+            ``"{text}; {rating_summary}"`` with the train-period statistics ``data prepare`` adds). Default "{text}".
         list_separator (str): between history titles. Default "; ".
         empty_list (str): shown when a history list is empty. Default "none".
         answer_prefix (str): appended after the assistant turn starts. Default "Answer:".
@@ -60,7 +62,7 @@ class PromptConfig:
     )
     profile_template: str = ""
     history_field: str = "title"
-    candidate_field: str = "text"
+    candidate_template: str = "{text}"
     list_separator: str = "; "
     empty_list: str = "none"
     answer_prefix: str = "Answer:"
@@ -126,16 +128,23 @@ class PromptRenderer:
     ):
         self.config = config
         self.tokenizer = tokenizer
-        for field_name in ("history_field", "candidate_field"):
-            column = getattr(config, field_name)
-            if column not in items.columns:
-                raise ValueError(
-                    f"prompt.{field_name}={column!r} is not a column of the items table "
-                    f"(columns: {', '.join(map(str, items.columns))})"
-                )
+        columns = ", ".join(map(str, items.columns))
+        if config.history_field not in items.columns:
+            raise ValueError(
+                f"prompt.history_field={config.history_field!r} is not a column of the items table (columns: {columns})"
+            )
+        wanted = [f for _, f, _, _ in string.Formatter().parse(config.candidate_template) if f]
+        missing = sorted(set(wanted) - set(items.columns))
+        if missing:
+            raise ValueError(
+                f"prompt.candidate_template uses {missing} which are not columns of the items table (columns: "
+                f"{columns}); train-period statistics (stats_*, rating_summary) come from `recsys-slm data prepare`"
+            )
         ids = items["item_id"].astype(str)
         self._history_text = dict(zip(ids, items[config.history_field].astype(str)))
-        self._candidate_text = dict(zip(ids, items[config.candidate_field].astype(str)))
+        self._candidate_text = dict(
+            zip(ids, (config.candidate_template.format_map(_Strict(r)) for r in items.to_dict("records")))
+        )
         self._users: dict[str, dict[str, Any]] = {}
         if config.profile_template:
             if users is None:
@@ -191,6 +200,9 @@ class PromptRenderer:
             profile=profile,
             liked=cfg.list_separator.join(liked) or cfg.empty_list,
             disliked=cfg.list_separator.join(disliked) or cfg.empty_list,
+            n_liked=len(liked),
+            n_disliked=len(disliked),
+            n_history=len(history),
             candidate=marker,
         )
         prefix, rest = self._wrap(message).split(marker)

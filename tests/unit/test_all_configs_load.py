@@ -38,3 +38,19 @@ def test_config_loads(path):
     load_config(classes[kind], path)
     first = path.read_text().splitlines()[0]
     assert first.startswith("# "), f"{path}: the first line must be a comment giving the command that runs it"
+
+
+def test_movielens_prompt_is_the_same_everywhere():
+    """The teacher is trained, evaluated and demoed with one prompt; a drift between YAMLs would silently
+    evaluate a model on prompts it was not trained on."""
+    import yaml
+
+    files = [
+        "pipelines/configs/quickstart/smollm2_movielens.yaml",
+        "pipelines/configs/teacher/smollm2_movielens.yaml",
+        "eval/configs/ranker/smollm2_movielens.yaml",
+    ]
+    blocks = {f: yaml.safe_load((ROOT / f).read_text())["prompt"] for f in files}
+    first = blocks[files[0]]
+    for f, block in blocks.items():
+        assert block == first, f"{f}: prompt block differs from {files[0]}"

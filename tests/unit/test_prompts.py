@@ -52,6 +52,18 @@ def test_renders_chat_template_and_ends_where_verbalizer_is_read(tokenizer, item
     assert p.n_tokens == len(base) and p.history_kept == 3 and p.history_dropped == 0
 
 
+def test_candidate_template_and_history_counts(tokenizer, items):
+    items = items.assign(rating_summary=[f"average rating {i}.0/5 from {i * 10} ratings" for i in range(1, 8)])
+    r = render(
+        tokenizer,
+        items,
+        user_template="Liked {n_liked} of {n_history}: {liked}\nDisliked {n_disliked}: {disliked}\nCandidate: {candidate}",
+        candidate_template="{title}; {rating_summary}",
+    )
+    p = r.render(["1", "2", "3"], [1, 0, 1], "4")
+    assert "Liked 2 of 3: Toy Story; Four Rooms\nDisliked 1: GoldenEye\nCandidate: Get Shorty; average rating 4.0/5 from 40 ratings" in p.text
+
+
 def test_empty_lists_and_plain_text_mode(tokenizer, items):
     p = render(tokenizer, items, use_chat_template=False, system="").render([], [], "2")
     assert p.text == (
@@ -83,8 +95,10 @@ def test_bad_inputs_name_the_problem(tokenizer, items, users):
         PromptConfig(user_template="{instruction} {liked}")
     with pytest.raises(ConfigError, match=r"user_template.*unknown field\(s\) \['rating'\]"):
         PromptConfig(user_template="{candidate} {rating}")
-    with pytest.raises(ValueError, match="prompt.candidate_field='blurb' is not a column of the items table"):
-        render(tokenizer, items, candidate_field="blurb")
+    with pytest.raises(ValueError, match=r"prompt.candidate_template uses \['blurb'\] which are not columns"):
+        render(tokenizer, items, candidate_template="{text} {blurb}")
+    with pytest.raises(ValueError, match="prompt.history_field='name' is not a column"):
+        render(tokenizer, items, history_field="name")
     with pytest.raises(ValueError, match=r"profile_template uses \['gender'\]"):
         render(tokenizer, items, users, profile_template="{gender}")
     with pytest.raises(ValueError, match="no users table"):

@@ -62,7 +62,9 @@ def data_dir(tmp_path_factory) -> Path:
     for u in range(10):
         for k, item in enumerate(rng.permutation(len(TITLES))[:12]):
             rows.append((str(u), str(item), 1000 * k + u, float(rng.integers(1, 6))))
-    pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp", "rating"]).to_parquet(src / "interactions.parquet")
+    pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp", "rating"]).to_parquet(
+        src / "interactions.parquet"
+    )
     out = tmp_path_factory.mktemp("prepared") / "data"
     cfg = DataPrepareConfig(
         dataset="logs",
@@ -185,7 +187,9 @@ def test_output_holds_best_checkpoint_and_manifest(tiny_lm_dir, data_dir, tmp_pa
     manifest = json.loads((out / "recsys_slm.json").read_text())
     assert manifest["stage"] == "teacher_train"
     assert manifest["parent"] == str(tiny_lm_dir)
-    assert manifest["config"]["freeze_layers"] == 1 and manifest["config"]["prompt"]["system"] == "Recommender."
+    assert (
+        manifest["config"]["freeze_layers"] == 1 and manifest["config"]["prompt"]["system"] == "Recommender."
+    )
     metrics = manifest["metrics"]
     assert metrics["best_step"] == best_step == summary["best_step"]
     assert metrics["best_val_auc"] == pytest.approx(max(aucs))
@@ -201,7 +205,9 @@ def test_output_holds_best_checkpoint_and_manifest(tiny_lm_dir, data_dir, tmp_pa
     from recsys_slm.ranker.ranker import Ranker, RankerConfig
 
     log = InteractionLog.load(data_dir)
-    ranker = Ranker.load(out, RankerConfig(batch_size=4, prompt=PromptConfig(**PROMPT)), log.items, log.users, "cpu")
+    ranker = Ranker.load(
+        out, RankerConfig(batch_size=4, prompt=PromptConfig(**PROMPT)), log.items, log.users, "cpu"
+    )
     val = pd.read_parquet(data_dir / "tasks" / "pointwise" / "val.parquet")
     auc = roc_auc_score(val["label"], ranker.score_pointwise(val)["logit_diff"])
     assert auc == pytest.approx(max(aucs), abs=1e-6)
@@ -284,7 +290,8 @@ def test_epoch_batches_cover_each_record_once_and_bucket_lengths():
     assert sorted(np.concatenate(a).tolist()) == list(range(103))
     assert all(len(b) <= 8 for b in a)
     again = epoch_batches(lengths, 8, seed=1, epoch=0, bucket_batches=4)
-    assert all(np.array_equal(x, y) for x, y in zip(a, again, strict=True))  # a pure function of (seed, epoch)
+    # a pure function of (seed, epoch)
+    assert all(np.array_equal(x, y) for x, y in zip(a, again, strict=True))
     other = epoch_batches(lengths, 8, seed=1, epoch=1, bucket_batches=4)
     assert not all(np.array_equal(x, y) for x, y in zip(a, other, strict=False))
     plain = epoch_batches(lengths, 8, seed=1, epoch=0, bucket_batches=0)
