@@ -19,12 +19,12 @@ import numpy as np
 import pandas as pd
 import torch
 
+from recsys_slm.config import load_config
 from recsys_slm.data.prepare import DataPrepareConfig
 from recsys_slm.data.prompts import PromptConfig, PromptRenderer
 from recsys_slm.data.schema import InteractionLog
 from recsys_slm.models.loading import load_causal_lm
 from recsys_slm.ranker.ranker import Ranker, RankerConfig
-from recsys_slm.config import load_config
 
 
 def machine() -> str:

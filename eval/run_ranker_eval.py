@@ -9,10 +9,9 @@ Outputs and metric definitions: ``docs/evaluation.md``.
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from recsys_slm.config import load_config
+from recsys_slm.cli.common import run_recipe
 from recsys_slm.evaluation.ranker_eval import RankerEvalConfig, evaluate_ranker
 from recsys_slm.evaluation.report import text_table
 
@@ -26,12 +25,7 @@ def main(cfg: RankerEvalConfig) -> dict:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default=None, help="YAML config (keys of RankerEvalConfig)")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. model=none max_records=200")
-    args = parser.parse_args(argv)
-    main(load_config(RankerEvalConfig, args.config, args.overrides))
-    return 0
+    return run_recipe(RankerEvalConfig, main, __doc__, argv, example="model=none max_records=200")
 
 
 if __name__ == "__main__":

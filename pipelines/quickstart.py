@@ -11,14 +11,14 @@ fine-tuning job turns it into a ranker.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from dataclasses import dataclass, field
 
 import pandas as pd
 
-from recsys_slm.config import check, load_config, validate_fields
+from recsys_slm.cli.common import run_recipe
+from recsys_slm.config import check, validate_fields
 from recsys_slm.data.prepare import DataPrepareConfig, is_prepared, prepare_dataset, read_summary
 from recsys_slm.data.prompts import PromptConfig, PromptRenderer
 from recsys_slm.data.schema import InteractionLog
@@ -81,9 +81,8 @@ def main(cfg: QuickstartConfig) -> pd.DataFrame:
     p_yes = scorer.score_texts([p.text for p in prompts]).tolist()
     elapsed = time.perf_counter() - start
 
-    for i, (record, prompt) in enumerate(zip(records.itertuples(), prompts)):
-        if i < cfg.show_prompt:
-            print(f"\n--- prompt {i + 1} ({prompt.n_tokens} tokens) ---\n{prompt.text}\n--- end of prompt ---")
+    for i, prompt in enumerate(prompts[: cfg.show_prompt]):
+        print(f"\n--- prompt {i + 1} ({prompt.n_tokens} tokens) ---\n{prompt.text}\n--- end of prompt ---")
     print(f"\n{'user':>6} {'item':>6} {'label':>5} {'P(Yes)':>7}  candidate")
     titles = dict(zip(log.items["item_id"], log.items["title"]))
     for record, p in zip(records.itertuples(), p_yes):
@@ -101,12 +100,7 @@ def main(cfg: QuickstartConfig) -> pd.DataFrame:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default=None)
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
-    args = parser.parse_args(argv)
-    main(load_config(QuickstartConfig, args.config, args.overrides))
-    return 0
+    return run_recipe(QuickstartConfig, main, __doc__, argv, example="num_prompts=10 show_prompt=0")
 
 
 if __name__ == "__main__":

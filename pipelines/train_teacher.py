@@ -10,11 +10,10 @@ config. See ``docs/teacher.md``.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from typing import Any
 
-from recsys_slm.config import load_config
+from recsys_slm.cli.common import run_recipe
 from recsys_slm.ranker.train import TeacherTrainConfig, train_teacher
 
 
@@ -29,12 +28,7 @@ def main(cfg: TeacherTrainConfig) -> dict[str, Any]:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default=None)
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
-    args = parser.parse_args(argv)
-    main(load_config(TeacherTrainConfig, args.config, args.overrides))
-    return 0
+    return run_recipe(TeacherTrainConfig, main, __doc__, argv, example="lr=5e-5 max_steps=200")
 
 
 if __name__ == "__main__":

@@ -212,7 +212,10 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: list[st
     try:
         return from_dict(cls, data)
     except ConfigError as exc:
-        where = f" (from {path})" if path is not None else ""
+        sources = ([f"file {path}"] if path is not None else []) + (
+            [f"overrides {' '.join(overrides)}"] if overrides else []
+        )
+        where = f" (from {' and '.join(sources)})" if sources else ""
         raise ConfigError(f"{exc}{where}") from None
 
 

@@ -25,7 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     prep.add_argument("--out", default=None, help="output directory (default $RECSYS_SLM_HOME/data/<dataset>)")
     prep.add_argument("--on-invalid", choices=["error", "drop"], default=None,
                       help="fail on invalid rows (default) or drop and count them")
-    add_config_args(prep)
+    add_config_args(prep, "pointwise.history_len=10 candidates.seed=1")
     prep.set_defaults(func=run_prepare)
 
     val = dsub.add_parser(

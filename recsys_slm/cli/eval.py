@@ -33,7 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="prepared data directory (default: DIR when the task is DIR/tasks/<kind>/<split>.parquet)",
     )
-    add_config_args(rk)
+    add_config_args(rk, "max_records=500 batch_size=32")
     rk.set_defaults(func=run_ranker)
 
 

@@ -19,7 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "interruption to continue. Config keys: docs/teacher.md.",
     )
     train.add_argument("--out", default=None, help="output model directory (overrides the config's out)")
-    add_config_args(train)
+    add_config_args(train, "lr=5e-5 max_steps=200")
     train.set_defaults(func=run_train)
 
 
