@@ -3,6 +3,8 @@ independent scoring, and batching (either padding side) does not change scores."
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -24,7 +26,8 @@ pytestmark = pytest.mark.integration
 def setup(tmp_path_factory):
     from pipelines.quickstart import QuickstartConfig
 
-    prompt = load_config(QuickstartConfig, "pipelines/configs/quickstart/smollm2_movielens.yaml").prompt
+    root = Path(__file__).resolve().parents[2]
+    prompt = load_config(QuickstartConfig, root / "pipelines/configs/quickstart/smollm2_movielens.yaml").prompt
     out = tmp_path_factory.mktemp("ml") / "data"
     prepare_dataset(DataPrepareConfig(out=out), log=load_movielens_100k())
     log = InteractionLog.load(out)
