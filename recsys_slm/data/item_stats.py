@@ -2,10 +2,12 @@
 
 A title alone tells a small LM little about an item; the classical signals that rank well on MovieLens are the
 item's popularity and mean rating. ``data prepare`` therefore adds, per item, statistics computed only from
-events a model may see at training time:
+events that precede everything a model is trained or evaluated on:
 
-* events with ``timestamp <= cutoff``, where ``cutoff`` is the timestamp of the last pointwise *train* record
-  (val and test records all come later in the chronological split, so none of them is counted), and
+* events with ``timestamp < cutoff``, where ``cutoff`` is the timestamp of the *first* pointwise train record.
+  Train, val and test records all come at or after it, so no record's own rating is counted in the statistics
+  its prompt shows (counting train records would put their labels into their own prompts, and train prompts
+  would then differ in kind from test prompts), and
 * minus the candidate task's val/test target events (leave-one-out targets are per user and may be older
   than ``cutoff``; counting them would leak the answer into the candidate prompt).
 
@@ -16,10 +18,10 @@ Added columns: ``stats_count`` (int64: ratings in the window), ``stats_mean_rati
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import numpy as np
 import pandas as pd
+
+from recsys_slm.data.events import event_index
 
 STATS_COLUMNS = ("stats_count", "stats_mean_rating", "stats_like_rate", "rating_summary")
 
@@ -39,32 +41,30 @@ def add_item_statistics(
     interactions: pd.DataFrame,
     cutoff: int,
     like_threshold: float = 3.0,
-    exclude_events: Iterable[tuple[str, str, int]] = (),
+    exclude_events: pd.MultiIndex | None = None,
     scale_max: float | None = None,
 ) -> pd.DataFrame:
-    """Return ``items`` with the STATS_COLUMNS computed from interactions up to ``cutoff``.
+    """Return ``items`` with the STATS_COLUMNS computed from interactions strictly before ``cutoff``.
 
     Args:
         items (pd.DataFrame): items table (``item_id``).
         interactions (pd.DataFrame): user_id, item_id, timestamp and ``rating`` (or ``label`` when there is no
             rating; the mean rating is then NaN and only the like rate is filled).
-        cutoff (int): last timestamp included (inclusive).
+        cutoff (int): first timestamp NOT included (exclusive).
         like_threshold (float): a like is ``rating > like_threshold``.
-        exclude_events (Iterable[tuple[str, str, int]]): (user_id, item_id, timestamp) events left out (held-out
-            targets).
+        exclude_events (pd.MultiIndex | None): (user_id, item_id, timestamp) events left out (held-out targets,
+            see :func:`recsys_slm.data.events.task_events`).
         scale_max (float | None): top of the rating scale, shown in ``rating_summary`` ("4.1/5").
 
     Returns:
         pd.DataFrame: a copy of ``items`` with the four columns added (replaced if present).
     """
-    window = interactions[interactions["timestamp"] <= cutoff]
-    excluded = pd.DataFrame(list(exclude_events), columns=["user_id", "item_id", "timestamp"])
-    if len(excluded):
-        excluded["timestamp"] = excluded["timestamp"].astype(window["timestamp"].dtype)
-        keys = ["user_id", "item_id", "timestamp"]
-        marker = window[keys].merge(excluded.drop_duplicates(), on=keys, how="left", indicator=True)["_merge"]
-        window = window[(marker == "left_only").to_numpy()]
-    has_rating = "rating" in window.columns and window["rating"].notna().any()
+    keep = interactions["timestamp"].to_numpy(dtype=np.int64) < cutoff
+    if exclude_events is not None and len(exclude_events):
+        keep &= ~event_index(interactions).isin(exclude_events)
+    window = interactions.loc[keep]
+    # Decide on the whole log, not the window: an empty window must not fall back to a missing label column.
+    has_rating = "rating" in interactions.columns and interactions["rating"].notna().any()
     liked = window["rating"] > like_threshold if has_rating else window["label"].astype(bool)
     grouped = pd.DataFrame({"item_id": window["item_id"].astype(str), "liked": liked.astype(float)})
     if has_rating:
@@ -86,11 +86,3 @@ def add_item_statistics(
         for c, m, r in zip(out["stats_count"], out["stats_mean_rating"], out["stats_like_rate"])
     ]
     return out
-
-
-def candidate_target_events(frames: dict[str, pd.DataFrame]) -> list[tuple[str, str, int]]:
-    """(user_id, item_id, timestamp) of every candidate-task target, across splits."""
-    events: list[tuple[str, str, int]] = []
-    for frame in frames.values():
-        events += list(zip(frame["user_id"].astype(str), frame["target_item_id"].astype(str), frame["timestamp"]))
-    return events

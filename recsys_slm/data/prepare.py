@@ -16,8 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import pandas as pd
+
 from recsys_slm.config import check, config_to_dict, save_config, validate_fields
-from recsys_slm.data.item_stats import add_item_statistics, candidate_target_events
+from recsys_slm.data.events import task_events
+from recsys_slm.data.item_stats import add_item_statistics
 from recsys_slm.data.schema import DROP_REASONS, InteractionLog, validate_log
 from recsys_slm.data.tasks import (
     CandidateTaskConfig,
@@ -30,8 +33,9 @@ from recsys_slm.model_dir import atomic_dir, cache_home, write_json_atomic
 
 SUMMARY_NAME = "summary.json"
 # Bump when the layout or content of a prepared directory changes, so cached directories are rebuilt.
-# 2: items carry train-period statistics (stats_*, rating_summary).
-DATA_FORMAT_VERSION = 2
+# 2: items carry pre-train-period statistics (stats_*, rating_summary).
+# 3: statistics use events strictly before the first train record (no record's own rating in its prompt).
+DATA_FORMAT_VERSION = 3
 
 
 @dataclass
@@ -109,16 +113,16 @@ def prepare_dataset(cfg: DataPrepareConfig, log: InteractionLog | None = None) -
         log = load_source(cfg)
     pointwise, pointwise_stats = build_pointwise_task(log, cfg.pointwise)
     candidates, candidate_stats = build_candidate_task(log, cfg.candidates)
-    # Item statistics for prompts, from train-period events only (see recsys_slm/data/item_stats.py).
+    # Item statistics for prompts, from events before the first train record (see recsys_slm/data/item_stats.py).
     train = pointwise["train"]
-    cutoff = int(train["timestamp"].max()) if len(train) else int(log.interactions["timestamp"].min()) - 1
+    cutoff = int(train["timestamp"].min()) if len(train) else int(log.interactions["timestamp"].min())
     scale_max = cfg.rating_scale[1] if cfg.rating_scale else (5.0 if cfg.dataset == "movielens-100k" else None)
     log.items = add_item_statistics(
         log.items,
         log.interactions,
         cutoff,
         like_threshold=cfg.pointwise.like_threshold,
-        exclude_events=candidate_target_events(candidates),
+        exclude_events=task_events(pd.concat(list(candidates.values()))) if candidates else None,
         scale_max=scale_max,
     )
     out = cfg.resolved_out()

@@ -31,8 +31,7 @@ import numpy as np
 import pandas as pd
 
 from recsys_slm.config import check, validate_fields
-
-EVENT_KEY = ["user_id", "item_id", "timestamp"]
+from recsys_slm.data.events import event_index, task_events  # noqa: F401  (task_events: re-export)
 
 
 @dataclass
@@ -56,23 +55,6 @@ class BaselineConfig:
         check(self.logreg_c > 0, "logreg_c", f"must be > 0, got {self.logreg_c}")
 
 
-def _event_index(frame: pd.DataFrame, item_col: str = "item_id") -> pd.MultiIndex:
-    """(user_id, item_id, timestamp) of every row as a MultiIndex with normalised dtypes."""
-    return pd.MultiIndex.from_arrays(
-        [
-            frame["user_id"].astype(str).to_numpy(),
-            frame[item_col].astype(str).to_numpy(),
-            frame["timestamp"].to_numpy(dtype=np.int64),
-        ],
-        names=EVENT_KEY,
-    )
-
-
-def task_events(frame: pd.DataFrame) -> pd.MultiIndex:
-    """The (user_id, item_id, timestamp) events a task frame holds out: pointwise records or candidate targets."""
-    return _event_index(frame, "target_item_id" if "target_item_id" in frame.columns else "item_id")
-
-
 def training_interactions(
     interactions: pd.DataFrame,
     train_records: pd.DataFrame | None = None,
@@ -89,12 +71,12 @@ def training_interactions(
     Returns:
         pd.DataFrame: the kept rows of ``interactions`` (index reset).
     """
-    events = _event_index(interactions)
+    events = event_index(interactions)
     keep = np.ones(len(interactions), dtype=bool)
     if train_records is not None and len(train_records):
         cutoff = int(train_records["timestamp"].max())
         keep &= (interactions["timestamp"].to_numpy(dtype=np.int64) < cutoff) | events.isin(
-            _event_index(train_records)
+            event_index(train_records)
         )
     if exclude is not None and len(exclude):
         keep &= ~events.isin(exclude)
@@ -274,7 +256,7 @@ class LogisticRegressionBaseline(Baseline):
             )
         items = train_records["item_id"].astype(str).to_numpy(dtype=object)
         # Only records that really are in the fit set carry their own event in the item statistics.
-        own = _event_index(train_records).isin(_event_index(fit_interactions))
+        own = event_index(train_records).isin(event_index(fit_interactions))
         if self.stats.uses_rating and "rating" in train_records.columns:
             raw = train_records["rating"].to_numpy(dtype=np.float64)
         elif self.stats.uses_rating:

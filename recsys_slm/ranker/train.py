@@ -362,6 +362,7 @@ class _Run:
     val: EncodedRecords | None
     device: torch.device
     autocast_dtype: torch.dtype | None
+    excluded_candidate_targets: int = 0  # train records dropped because they are held-out candidate targets
 
 
 def _autocast(run: _Run) -> contextlib.AbstractContextManager:
@@ -379,6 +380,7 @@ def _seed_everything(seed: int) -> None:
 def _load_frames(cfg: TeacherTrainConfig):
     import pandas as pd
 
+    from recsys_slm.data.events import candidate_target_events, task_events
     from recsys_slm.data.schema import InteractionLog
 
     data_dir = cfg.resolved_data_dir()
@@ -390,6 +392,11 @@ def _load_frames(cfg: TeacherTrainConfig):
         )
     log = InteractionLog.load(data_dir)
     train = pd.read_parquet(task / "train.parquet")
+    # The leave-one-out candidate targets are held out for evaluation; some are also pointwise train records
+    # (116 of 942 test targets on MovieLens-100K). Training on them would inflate the candidate-task metrics.
+    held_out = task_events(train).isin(candidate_target_events(data_dir))
+    excluded = int(held_out.sum())
+    train = train.loc[~held_out]
     if cfg.max_train_records is not None and cfg.max_train_records < len(train):
         # A seeded sample covers the whole training period; head() would keep only its oldest slice.
         train = train.sample(n=cfg.max_train_records, random_state=cfg.seed).sort_index()
@@ -398,7 +405,7 @@ def _load_frames(cfg: TeacherTrainConfig):
         val = pd.read_parquet(task / "val.parquet")
         if cfg.eval_max_records is not None:
             val = val.head(cfg.eval_max_records)
-    return log, train, val
+    return log, train, val, excluded
 
 
 def _setup(cfg: TeacherTrainConfig) -> _Run:
@@ -414,7 +421,7 @@ def _setup(cfg: TeacherTrainConfig) -> _Run:
         autocast_dtype = torch.bfloat16
     else:
         autocast_dtype = None
-    log, train_frame, val_frame = _load_frames(cfg)
+    log, train_frame, val_frame, excluded = _load_frames(cfg)
     # fp32 master weights on every device: AdamW updates of ~1e-4 × w vanish in bf16 weights.
     model, tokenizer = load_causal_lm(cfg.model, device=device, dtype=torch.float32)
     renderer = PromptRenderer(cfg.prompt, tokenizer, log.items, log.users)
@@ -437,7 +444,7 @@ def _setup(cfg: TeacherTrainConfig) -> _Run:
     scorer = VerbalizerScorer(
         hf_model, tokenizer, cfg.prompt.yes_token, cfg.prompt.no_token, batch_size=cfg.eval_batch_size
     )
-    return _Run(trainable, hf_model, tokenizer, scorer, train, val, device, autocast_dtype)
+    return _Run(trainable, hf_model, tokenizer, scorer, train, val, device, autocast_dtype, excluded)
 
 
 def _comparable(config: dict[str, Any]) -> dict[str, Any]:
@@ -659,6 +666,7 @@ def _finish(
         "stopped_early": stopped_early,
         "epochs_seen": round(state.micro * cfg.batch_size / len(run.train), 4),
         "train_records": len(run.train),
+        "excluded_candidate_targets": run.excluded_candidate_targets,
         "val_records": len(run.val) if run.val is not None else 0,
         "history_items_dropped": run.train.history_dropped,
         "padding_fraction": round(pad, 4),
