@@ -55,7 +55,7 @@ def ensure_data(cfg: DataPrepareConfig) -> dict:
 def main(cfg: QuickstartConfig) -> pd.DataFrame:
     """Run the quickstart; returns the scored prompts (user_id, item_id, label, p_yes, history_kept)."""
     from recsys_slm.models.loading import load_causal_lm
-    from recsys_slm.ranker import VerbalizerScorer
+    from recsys_slm.ranker.ranker import Ranker, RankerConfig
 
     summary = ensure_data(cfg.data)
     print(
@@ -72,29 +72,27 @@ def main(cfg: QuickstartConfig) -> pd.DataFrame:
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, {next(model.parameters()).device})")
 
     renderer = PromptRenderer(cfg.prompt, tokenizer, log.items, log.users)
-    prompts = [
-        renderer.render(list(r.history_item_ids), list(r.history_labels), r.item_id, r.user_id)
-        for r in records.itertuples()
-    ]
-    scorer = VerbalizerScorer(model, tokenizer, cfg.prompt.yes_token, cfg.prompt.no_token)
+    ranker = Ranker(model, tokenizer, renderer, RankerConfig(prompt=cfg.prompt))
     start = time.perf_counter()
-    p_yes = scorer.score_texts([p.text for p in prompts]).tolist()
+    scored = ranker.score_pointwise(records)
     elapsed = time.perf_counter() - start
+    p_yes = scored["p_yes"].tolist()
 
-    for i, prompt in enumerate(prompts[: cfg.show_prompt]):
+    for i, r in enumerate(records.head(cfg.show_prompt).itertuples()):
+        prompt = renderer.render(list(r.history_item_ids), list(r.history_labels), r.item_id, r.user_id)
         print(f"\n--- prompt {i + 1} ({prompt.n_tokens} tokens) ---\n{prompt.text}\n--- end of prompt ---")
     print(f"\n{'user':>6} {'item':>6} {'label':>5} {'P(Yes)':>7}  candidate")
     titles = dict(zip(log.items["item_id"], log.items["title"]))
     for record, p in zip(records.itertuples(), p_yes):
         print(f"{record.user_id:>6} {record.item_id:>6} {record.label:>5} {p:7.3f}  {titles[record.item_id]}")
-    print(f"\nscored {len(prompts)} prompts in {elapsed:.2f}s ({len(prompts) / elapsed:.1f} prompts/s)")
+    print(f"\nscored {len(records)} prompts in {elapsed:.2f}s ({len(records) / elapsed:.1f} prompts/s)")
     return pd.DataFrame(
         {
             "user_id": records["user_id"],
             "item_id": records["item_id"],
             "label": records["label"],
             "p_yes": p_yes,
-            "history_kept": [p.history_kept for p in prompts],
+            "history_kept": scored["history_kept"],
         }
     )
 

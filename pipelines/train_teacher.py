@@ -14,17 +14,13 @@ import sys
 from typing import Any
 
 from recsys_slm.cli.common import run_recipe
-from recsys_slm.ranker.train import TeacherTrainConfig, train_teacher
+from recsys_slm.cli.teacher import train_and_print
+from recsys_slm.ranker.train import TeacherTrainConfig
 
 
 def main(cfg: TeacherTrainConfig) -> dict[str, Any]:
     """Train and return the run summary (the manifest metrics plus ``out``)."""
-    summary = train_teacher(cfg)
-    print(
-        f"teacher -> {summary['out']}: best val AUC {summary['best_val_auc']} at step {summary['best_step']}, "
-        f"{summary['steps']} steps, {summary['s_per_step']:.2f} s/step"
-    )
-    return summary
+    return train_and_print(cfg)
 
 
 def cli(argv: list[str] | None = None) -> int:

@@ -10,8 +10,10 @@ ones. :func:`config_to_dict` gives the resolved config that every output directo
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
@@ -40,8 +42,40 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+@dataclass(frozen=True)
+class _Override:
+    """A command-line value: its raw text and its YAML reading. String and path fields take the raw text, so
+    ``prompt.no_token=No`` stays "No" (YAML would read a boolean) and paths are never re-interpreted."""
+
+    raw: str
+    parsed: Any
+
+
+def _non_none(tp: Any) -> list[Any]:
+    if get_origin(tp) in (Union, types.UnionType):
+        return [a for a in get_args(tp) if a is not type(None)]
+    return [tp]
+
+
+def _wants_text(tp: Any, raw: str) -> bool:
+    for arg in _non_none(tp):
+        if arg in (str, Path):
+            return True
+        if get_origin(arg) is Literal and raw in get_args(arg):
+            return True
+    return False
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Return ``value`` converted to annotation ``tp`` or raise ConfigError naming ``key``."""
+    if isinstance(value, _Override):
+        nullable = get_origin(tp) in (Union, types.UnionType) and type(None) in get_args(tp)
+        if value.parsed is None and nullable:
+            value = None
+        elif _wants_text(tp, value.raw):
+            value = value.raw
+        else:
+            value = value.parsed
     origin = get_origin(tp)
     if tp is Any:
         return value
@@ -56,9 +90,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             if type(None) in args:
                 return None
             raise ConfigError(f"config key '{key}': got null; expected {_type_name(tp)}")
-        for arg in args:
-            if arg is type(None):
-                continue
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1:
+            return _coerce(value, options[0], key)  # Optional[X]: X's own, more specific error
+        for arg in options:
             try:
                 return _coerce(value, arg, key)
             except ConfigError:
@@ -93,6 +128,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):
+            # PyYAML (YAML 1.1) reads "1e-4" as a string: accept anything float() parses.
+            try:
+                return float(value.strip())
+            except ValueError:
+                pass
         raise ConfigError(f"config key '{key}': got {value!r}; expected a number")
     if tp is str:
         if isinstance(value, str):
@@ -102,9 +143,22 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         raise ConfigError(f"config key '{key}': got {value!r}; expected a string")
     if tp is Path:
         if isinstance(value, (str, Path)):
-            return Path(value).expanduser()
+            if not str(value).strip():
+                # Path("") is the current directory: an output there would replace the user's working folder.
+                raise ConfigError(f"config key '{key}': got an empty path")
+            return expand_path(value)
         raise ConfigError(f"config key '{key}': got {value!r}; expected a path")
     return value
+
+
+def expand_path(value: str | Path) -> Path:
+    """``~`` and environment variables expanded; ``$RECSYS_SLM_HOME`` falls back to its default
+    (``~/.cache/recsys_slm``) when unset, so shipped YAML files can point into the cache portably."""
+    from recsys_slm.model_dir import cache_home
+
+    text = str(value).replace("${RECSYS_SLM_HOME}", "$RECSYS_SLM_HOME")
+    text = text.replace("$RECSYS_SLM_HOME", str(cache_home()))
+    return Path(os.path.expandvars(text)).expanduser()
 
 
 def validate_fields(cfg: Any, prefix: str = "") -> None:
@@ -166,7 +220,11 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         if "=" not in item or item.startswith("="):
             raise ConfigError(f"override {item!r} is not of the form key=value (e.g. prune.ratio=0.3)")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        try:
+            parsed = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            parsed = raw  # not YAML (e.g. a path with ": "): keep the text
+        value = _Override(raw, parsed)
         node = out
         parts = key.strip().split(".")
         for part in parts[:-1]:

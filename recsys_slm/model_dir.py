@@ -23,6 +23,10 @@ from recsys_slm import __version__
 
 MANIFEST_NAME = "recsys_slm.json"
 MANIFEST_VERSION = 1
+# Every directory atomic_dir writes carries this empty file; only such directories (or empty ones, or ones holding
+# an older recsys_slm output file) may be replaced, so a mistyped --out never deletes a user's own folder.
+OUTPUT_MARKER = ".recsys_slm_output"
+_OWNED_FILES = (OUTPUT_MARKER, MANIFEST_NAME, "summary.json", "report.json")
 
 
 def cache_home() -> Path:
@@ -38,11 +42,12 @@ def atomic_dir(target: str | Path, overwrite: bool = True) -> Iterator[Path]:
     atomic). On an exception it is deleted and ``target`` is left untouched.
 
     Raises:
-        FileExistsError: ``target`` exists and ``overwrite`` is False.
+        FileExistsError: ``target`` exists and ``overwrite`` is False, is a file, or is a non-empty directory that
+            recsys_slm did not write.
+        ValueError: ``target`` is the file-system root, the home or current directory, or one of their parents.
     """
     target = Path(target).expanduser().resolve()
-    if target.exists() and not overwrite:
-        raise FileExistsError(f"{target} already exists (pass overwrite=True to replace it)")
+    _check_replaceable(target, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     # mkdtemp makes the directory 0700; give the result the permissions a plain mkdir would (umask applies).
@@ -50,6 +55,7 @@ def atomic_dir(target: str | Path, overwrite: bool = True) -> Iterator[Path]:
     os.umask(umask)
     tmp.chmod(0o777 & ~umask)
     try:
+        (tmp / OUTPUT_MARKER).touch()
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -62,6 +68,26 @@ def atomic_dir(target: str | Path, overwrite: bool = True) -> Iterator[Path]:
     tmp.rename(target)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _check_replaceable(target: Path, overwrite: bool) -> None:
+    protected = {Path(target.anchor), Path.home().resolve(), Path.cwd().resolve()}
+    if target in protected or any(target in p.parents for p in protected):
+        raise ValueError(
+            f"refusing to write output to {target}: it is the root, home or current directory or contains one of "
+            "them; choose a new directory for the output"
+        )
+    if not target.exists():
+        return
+    if not target.is_dir():
+        raise FileExistsError(f"output path {target} exists and is not a directory")
+    if not overwrite:
+        raise FileExistsError(f"{target} already exists (pass overwrite=True to replace it)")
+    if any(target.iterdir()) and not any((target / name).exists() for name in _OWNED_FILES):
+        raise FileExistsError(
+            f"refusing to replace {target}: it is not empty and was not written by recsys_slm (no "
+            f"{OUTPUT_MARKER} or {MANIFEST_NAME}); remove it yourself or choose another output directory"
+        )
 
 
 def write_json_atomic(path: str | Path, data: Any) -> None:

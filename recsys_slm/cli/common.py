@@ -40,6 +40,11 @@ def run_guarded(fn: Callable[[], Any], prog: str = "recsys-slm") -> int:
     debug = bool(os.environ.get("RECSYS_SLM_DEBUG"))
     try:
         return int(fn() or 0)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
     except ConfigError as exc:
         if debug:
             raise
@@ -72,4 +77,9 @@ def run_recipe(config_cls: type[C], main: Callable[[C], Any], doc: str | None, a
     add_config_args(parser, example)
     args = parser.parse_args(argv)
     prog = parser.prog
-    return run_guarded(lambda: main(load_config(config_cls, args.config, args.overrides)) and 0, prog)
+
+    def run() -> int:
+        main(load_config(config_cls, args.config, args.overrides))
+        return 0
+
+    return run_guarded(run, prog)

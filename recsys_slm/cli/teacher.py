@@ -25,19 +25,27 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     from recsys_slm.config import load_config
-    from recsys_slm.ranker.train import TeacherTrainConfig, train_teacher, work_dir
+    from recsys_slm.ranker.train import TeacherTrainConfig
 
     overrides = list(args.overrides) + ([f"out={args.out}"] if args.out is not None else [])
-    cfg = load_config(TeacherTrainConfig, args.config, overrides)
-    out = cfg.resolved_out()
+    train_and_print(load_config(TeacherTrainConfig, args.config, overrides))
+    return 0
+
+
+def train_and_print(cfg) -> dict:
+    """Train (``train_teacher``), print a one-line summary and return it; on Ctrl-C say how to resume and
+    re-raise (``run_guarded`` turns it into exit status 130). Shared by the CLI and ``pipelines/train_teacher``."""
+    from recsys_slm.ranker.train import train_teacher, work_dir
+
     try:
         summary = train_teacher(cfg)
     except KeyboardInterrupt:
         print(
-            f"\ninterrupted; rerun the same command to resume from the last checkpoint in {work_dir(out)}",
+            f"\ninterrupted; rerun the same command to resume from the last checkpoint in "
+            f"{work_dir(cfg.resolved_out())}",
             file=sys.stderr,
         )
-        return 130
+        raise
     auc = summary["best_val_auc"]
     print(f"teacher -> {summary['out']}")
     print(
@@ -46,4 +54,4 @@ def run_train(args: argparse.Namespace) -> int:
         f"{summary['s_per_step']:.2f} s/step  train time {summary['train_time_s']:.0f}s"
         + ("  (stopped early)" if summary["stopped_early"] else "")
     )
-    return 0
+    return summary

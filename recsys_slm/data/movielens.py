@@ -394,7 +394,10 @@ def fetch_movielens_100k(cache_dir: Path | None = None) -> Path:
     if _cache_ok(target):
         return target
     with tempfile.TemporaryDirectory(prefix="recsys_slm_recbole_") as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", f"recbole=={RECBOLE_VERSION}", "-d", tmp]
+        cmd = [
+            sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",  # never run sdist builds
+            f"recbole=={RECBOLE_VERSION}", "-d", tmp,
+        ]  # fmt: skip
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             tail = "\n".join((proc.stderr or proc.stdout or "").strip().splitlines()[-15:])

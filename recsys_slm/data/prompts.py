@@ -91,7 +91,8 @@ class RenderedPrompt:
         text (str): the full prompt; the verbalizer token is read right after its last token.
         prefix (str): ``text`` up to the candidate (shared by all candidates of one user and history).
         suffix (str): the candidate text and everything after it; ``prefix + suffix == text``.
-        n_tokens (int): token count of ``text`` (no special tokens added beyond the chat template's).
+        n_tokens (int): ``len(tokens(prefix)) + len(tokens(suffix))``, the ids the ranker scores (no special
+            tokens added beyond the chat template's).
         history_kept (int): how many of the most recent history items fit the budget.
         history_dropped (int): how many oldest items were dropped.
     """
@@ -248,7 +249,8 @@ class PromptRenderer:
 
         def build(keep: int) -> tuple[str, str, int]:
             prefix, suffix = self._render(profile, history[len(history) - keep :], candidate)
-            return prefix, suffix, self.count_tokens(prefix + suffix)
+            # count exactly what the ranker feeds the model: tokens(prefix) + tokens(suffix)
+            return prefix, suffix, self.count_tokens(prefix) + self.count_tokens(suffix)
 
         budget = self.config.max_tokens
         best = build(len(history))

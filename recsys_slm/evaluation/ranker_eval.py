@@ -26,7 +26,7 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
-from recsys_slm.config import ConfigError, check, config_to_dict, validate_fields
+from recsys_slm.config import ConfigError, check, config_to_dict, from_dict, validate_fields
 from recsys_slm.data.prompts import PromptConfig
 from recsys_slm.evaluation import exports
 from recsys_slm.evaluation import report as report_mod
@@ -225,16 +225,26 @@ def throughput_stats(timings, wall_seconds: float) -> dict[str, Any]:
     }
 
 
+def resolve_prompt(configured: PromptConfig, manifest: dict | None) -> tuple[PromptConfig, str]:
+    """The prompt to score with: the configured one, unless it is the default and the model directory's manifest
+    records the prompt the model was trained with (a ranker scored with another prompt gives silently wrong
+    metrics). Returns (prompt, source) with source "config" or "model manifest".
+    """
+    trained = ((manifest or {}).get("config") or {}).get("prompt")
+    if trained and configured == PromptConfig():
+        return from_dict(PromptConfig, trained), "model manifest"
+    return configured, "config"
+
+
 def _score_with_model(config: RankerEvalConfig, log, frame: pd.DataFrame, kind: TaskKind):
     """Load the ranker and score ``frame``; returns (scores, probs, model info, throughput)."""
     from recsys_slm.ranker.ranker import Ranker, RankerConfig
 
-    ranker_cfg = RankerConfig(
-        batch_size=config.batch_size, shared_prefix=config.shared_prefix, prompt=config.prompt
-    )
+    manifest = read_manifest(config.model) if Path(str(config.model)).expanduser().is_dir() else None
+    prompt, prompt_source = resolve_prompt(config.prompt, manifest)
+    ranker_cfg = RankerConfig(batch_size=config.batch_size, shared_prefix=config.shared_prefix, prompt=prompt)
     ranker = Ranker.load(config.model, ranker_cfg, log.items, log.users, device=config.device)
     params = list(ranker.model.parameters())
-    manifest = read_manifest(config.model) if Path(str(config.model)).expanduser().is_dir() else None
     info = {
         "spec": str(config.model),
         "architecture": type(ranker.model).__name__,
@@ -242,6 +252,8 @@ def _score_with_model(config: RankerEvalConfig, log, frame: pd.DataFrame, kind: 
         "device": str(params[0].device),
         "dtype": str(params[0].dtype).replace("torch.", ""),
         "stage": manifest.get("stage") if manifest else None,
+        "prompt_source": prompt_source,
+        "prompt": config_to_dict(prompt),
     }
     start = time.perf_counter()
     if kind == "pointwise":

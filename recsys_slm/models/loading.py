@@ -184,7 +184,12 @@ def load_sentence_encoder(
     logger.info("loading sentence encoder %s (%s, truncate_dim=%s)", resolved, device, truncate_dim)
     with _hub_errors(resolved), _offline(resolved) as kwargs:
         model = SentenceTransformer(
-            str(resolved), device=str(device), truncate_dim=truncate_dim, trust_remote_code=False, **kwargs
+            str(resolved),
+            device=str(device),
+            truncate_dim=truncate_dim,
+            trust_remote_code=False,
+            model_kwargs={"use_safetensors": True},  # never torch.load a pickled pytorch_model.bin
+            **kwargs,
         )
     model.eval()
     return model

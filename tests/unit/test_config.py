@@ -110,3 +110,28 @@ def test_save_and_reload_round_trip(tmp_path):
     save_config(cfg, tmp_path / "resolved.yaml")
     again = load_config(Outer, tmp_path / "resolved.yaml")
     assert config_to_dict(again) == config_to_dict(cfg)
+
+
+@dataclass
+class Texty:
+    lr: float = 1.0
+    token: str = " Yes"
+    out: Path | None = None
+    mode: Literal["yes", "no"] = "yes"
+
+    def __post_init__(self) -> None:
+        validate_fields(self)
+
+
+def test_overrides_keep_text_for_strings_and_paths_and_read_scientific_floats(tmp_path):
+    cfg = load_config(Texty, None, ["lr=5e-5", "token=No", "out=/tmp/a: b #c", "mode=no"])
+    assert cfg.lr == 5e-5 and cfg.token == "No" and cfg.out == Path("/tmp/a: b #c") and cfg.mode == "no"
+    assert load_config(Texty, None, ["out=null"]).out is None
+    path = tmp_path / "c.yaml"
+    path.write_text("lr: 1e-4\n")  # PyYAML reads this as the string '1e-4'
+    assert load_config(Texty, path).lr == 1e-4
+
+
+def test_empty_path_is_rejected_not_taken_as_the_current_directory():
+    with pytest.raises(ConfigError, match="config key 'out': got an empty path"):
+        load_config(Texty, None, ["out="])

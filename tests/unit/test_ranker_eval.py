@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from recsys_slm.config import ConfigError
+from recsys_slm.config import ConfigError, config_to_dict
 from recsys_slm.data.schema import validate_log
 from recsys_slm.data.tasks import (
     CandidateTaskConfig,
@@ -266,3 +266,17 @@ def test_candidate_list_without_target_fails_before_scoring(data_dir, tmp_path):
             RankerEvalConfig(model="/does/not/exist", task=task, out=tmp_path / "o", data_dir=data_dir)
         )
     assert not (tmp_path / "o").exists()
+
+
+def test_eval_uses_the_prompt_recorded_in_the_model_manifest():
+    """A teacher trained with a custom prompt must be evaluated with it, not with the default."""
+    from recsys_slm.data.prompts import PromptConfig
+    from recsys_slm.evaluation.ranker_eval import resolve_prompt
+
+    trained = PromptConfig(instruction="Custom wording.", candidate_template="{title}")
+    manifest = {"config": {"prompt": config_to_dict(trained)}}
+    prompt, source = resolve_prompt(PromptConfig(), manifest)
+    assert prompt == trained and source == "model manifest"
+    explicit = PromptConfig(instruction="Explicit.")
+    assert resolve_prompt(explicit, manifest) == (explicit, "config")  # an explicit prompt wins
+    assert resolve_prompt(PromptConfig(), None) == (PromptConfig(), "config")
