@@ -202,6 +202,12 @@ def build_pointwise_task(
 # ---------------------------------------------------------------------------------------------- candidates
 
 
+def _in_set(pool: np.ndarray, ids: set[str]) -> np.ndarray:
+    """Boolean mask of ``pool`` entries in ``ids``. Compared as Python strings: casting ``ids`` to the pool's
+    fixed-width string dtype would truncate longer ids and match unrelated items."""
+    return np.fromiter((str(x) in ids for x in pool), dtype=bool, count=len(pool))
+
+
 def sample_negatives(rng: np.random.Generator, excluded: set[str], pool: np.ndarray, n: int) -> list[str]:
     """Draw ``n`` distinct items uniformly from ``pool`` minus ``excluded``.
 
@@ -219,7 +225,7 @@ def sample_negatives(rng: np.random.Generator, excluded: set[str], pool: np.ndar
         ValueError: fewer than ``n`` items are allowed.
     """
     pool = np.asarray(pool)
-    allowed = pool[~np.isin(pool, np.array(sorted(excluded), dtype=pool.dtype))] if excluded else pool
+    allowed = pool[~_in_set(pool, excluded)] if excluded else pool
     if len(allowed) < n:
         raise ValueError(f"only {len(allowed)} items are allowed as negatives, {n} requested")
     picked = rng.choice(len(allowed), size=n, replace=False)
@@ -282,7 +288,7 @@ def build_candidate_task(
         excluded = set(u_items)
         for c in {canon.get(i, i) for i in u_items}:
             excluded.update(listings.get(c, ()))
-        if int((~np.isin(pool, np.array(sorted(excluded), dtype=pool.dtype))).sum()) < cfg.num_negatives:
+        if int((~_in_set(pool, excluded)).sum()) < cfg.num_negatives:
             stats["skipped_too_few_negatives"] += 1
             continue
         targets = [("test", positives[-1])]

@@ -61,3 +61,13 @@ def test_batched_equals_single_on_smollm2(setup, padding_side):
     batched = VerbalizerScorer(model, tokenizer, batch_size=4, padding_side=padding_side).score_token_ids(seqs)
     single = VerbalizerScorer(model, tokenizer, batch_size=1).score_token_ids(seqs)
     torch.testing.assert_close(batched, single, atol=1e-4, rtol=0)
+
+
+def test_prefix_plus_suffix_tokenises_like_the_whole_text_on_smollm2(setup):
+    model, tokenizer, prompt, log, task = setup
+    renderer = PromptRenderer(prompt, tokenizer, log.items, log.users)
+    row = task.iloc[2]
+    for cand in list(row.candidate_item_ids):
+        p = renderer.render(list(row.history_item_ids), list(row.history_labels), cand, row.user_id)
+        ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in (p.prefix, p.suffix, p.text)]
+        assert ids[0] + ids[1] == ids[2], cand

@@ -110,3 +110,12 @@ def test_bad_inputs_name_the_problem(tokenizer, items, users):
         r.render(["42"], [1], "1")
     with pytest.raises(ValueError, match="history_labels has 1"):
         r.render(["1", "2"], [1], "3")
+
+
+def test_prefix_plus_suffix_tokenises_like_the_whole_text(tokenizer, items, users):
+    r = render(tokenizer, items, users, profile_template="Age {age}.\n")
+    for cand in ("1", "2", "5", "7"):
+        p = r.render(["3", "4"], [1, 0], cand, "u1")
+        ids = lambda t: tokenizer(t, add_special_tokens=False)["input_ids"]  # noqa: E731
+        assert ids(p.prefix) + ids(p.suffix) == ids(p.text)
+        assert p.n_tokens == len(ids(p.text))

@@ -98,6 +98,7 @@ def test_shared_prefix_with_per_candidate_truncation_still_matches(tiny, items):
     np.testing.assert_allclose(
         shared.score_candidates(history, labels, cands), indep.score_candidates(history, labels, cands), atol=1e-4
     )
+    assert len(shared.timings) >= 2  # the long candidate got a shorter history, hence its own prefix group
 
 
 def test_verbalizer_must_be_single_token(tiny):
