@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 
 from recsys_slm.config import ConfigError, check, config_to_dict, from_dict, validate_fields
+from recsys_slm.data.events import candidate_target_events
 from recsys_slm.data.prompts import PromptConfig
 from recsys_slm.evaluation import exports
 from recsys_slm.evaluation import report as report_mod
@@ -178,21 +179,18 @@ def baseline_training_data(
     """
     train_path = data_dir / "tasks" / "pointwise" / "train.parquet"
     train = pd.read_parquet(train_path) if train_path.is_file() else None
-    held_out = [eval_frame] if "timestamp" in eval_frame.columns else []
-    for split in ("val", "test"):
-        path = data_dir / "tasks" / "candidates" / f"{split}.parquet"
-        if path.is_file():
-            held_out.append(pd.read_parquet(path, columns=["user_id", "target_item_id", "timestamp"]))
-    exclude = None
-    for frame in held_out:
-        events = task_events(frame)
-        exclude = events if exclude is None else exclude.append(events)
+    exclude = candidate_target_events(data_dir)
+    has_time = "timestamp" in eval_frame.columns
+    if has_time:
+        exclude = exclude.append(task_events(eval_frame))
     fit = training_interactions(interactions, train, exclude)
     info = {
         "interactions": len(fit),
         "train_records": len(train) if train is not None else 0,
         "cutoff_timestamp": int(train["timestamp"].max()) if train is not None and len(train) else None,
-        "excluded_events": int(exclude.unique().size) if exclude is not None else 0,
+        "excluded_events": int(exclude.unique().size),
+        # Without timestamps the evaluated events cannot be matched, so they may be in the baselines' fit data.
+        "evaluated_events_excluded": has_time,
     }
     return fit, train, info
 
