@@ -480,7 +480,13 @@ def validate_log(
         "interactions",
         inter,
         "label",
-        lambda s: pd.api.types.is_integer_dtype(s) or pd.api.types.is_bool_dtype(s),
+        # Parquet/CSV store an integer column holding nulls as float64: accept whole-number floats so that
+        # null labels become row-level problems (droppable) instead of a fatal dtype error.
+        lambda s: (
+            pd.api.types.is_integer_dtype(s)
+            or pd.api.types.is_bool_dtype(s)
+            or (pd.api.types.is_float_dtype(s) and bool(np.all(np.mod(s.dropna().to_numpy(), 1) == 0)))
+        ),
         "0/1 integers or booleans",
     )
     chk.structural("items", itm, "item_id", _id_dtype_ok, id_expected)

@@ -302,3 +302,13 @@ def test_canonical_ids_must_exist(small_tables):
     assert ok.items["canonical_item_id"].tolist() == ["10", "10", "12", "13"]
     err = _error(inter, items.assign(canonical_item_id=["10", "77", "12", "13"]), on_invalid="drop")
     assert "at 1 item id not in the table: '77'" in str(err)
+
+
+def test_null_labels_read_back_as_float_are_droppable_rows(small_tables):
+    """Parquet stores an int column with nulls as float64: nulls are row problems, not a fatal dtype error."""
+    inter, items, _ = small_tables
+    inter = inter.drop(columns="rating").assign(label=[1.0, None, 0.0, 1.0, 0.0, 1.0])
+    err = _error(inter, items)
+    assert [(p.column, p.rows) for p in err.problems] == [("label", 1)]
+    log = validate_log(inter, items, on_invalid="drop")
+    assert log.dropped == {"bad_label": 1} and str(log.interactions["label"].dtype) == "int8"

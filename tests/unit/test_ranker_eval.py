@@ -137,11 +137,11 @@ def test_pointwise_baselines_only(data_dir, tmp_path):
     assert report["baselines_fit"]["cutoff_timestamp"] == int(
         pd.read_parquet(data_dir / "tasks/pointwise/train.parquet")["timestamp"].max()
     )
-    if len(set(frame["label"])) == 2:
-        assert (out / "roc.png").is_file()
-        assert auc(preds["label"], preds["score_popularity"]) == pytest.approx(
-            report["metrics"]["popularity"]["auc"], abs=1e-12
-        )
+    assert len(set(frame["label"])) == 2, "fixture must hold both labels for the AUC cross-check"
+    assert (out / "roc.png").is_file()
+    assert auc(preds["label"], preds["score_popularity"]) == pytest.approx(
+        report["metrics"]["popularity"]["auc"], abs=1e-12
+    )
 
 
 def test_max_records_takes_the_first_rows(data_dir, tmp_path):
@@ -196,10 +196,8 @@ def test_pointwise_with_tiny_model(data_dir, tmp_path, tiny_lm_dir):
     assert preds["p_yes"].between(0, 1).all()
     # p_yes = sigmoid(score): the score column is the logit difference.
     assert np.allclose(preds["p_yes"], 1 / (1 + np.exp(-preds["score"])), atol=1e-6)
-    if preds["label"].nunique() == 2:
-        assert auc(preds["label"], preds["score"]) == pytest.approx(
-            report["metrics"]["model"]["auc"], abs=1e-12
-        )
+    assert preds["label"].nunique() == 2, "fixture must hold both labels for the AUC cross-check"
+    assert auc(preds["label"], preds["score"]) == pytest.approx(report["metrics"]["model"]["auc"], abs=1e-12)
 
 
 # ------------------------------------------------------------------------------------------- inputs and CLI
