@@ -73,7 +73,7 @@ class PromptConfig:
 
     def __post_init__(self) -> None:
         validate_fields(self)
-        names = [f for _, f, _, _ in string.Formatter().parse(self.user_template) if f is not None]
+        names = _template_fields(self.user_template)
         unknown = sorted(set(names) - _TEMPLATE_FIELDS)
         check(
             not unknown, "user_template", f"unknown field(s) {unknown}; allowed: {sorted(_TEMPLATE_FIELDS)}"
@@ -110,6 +110,21 @@ class _Strict(dict):
         raise KeyError(key)
 
 
+def _template_fields(template: str) -> list[str]:
+    """The ``{field}`` names a str.format template uses, in order (repeats kept)."""
+    return [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+
+
+def _check_template_columns(key: str, template: str, table: str, frame: pd.DataFrame, hint: str = "") -> None:
+    """Raise ValueError naming ``prompt.<key>`` when ``template`` uses fields that are not columns of ``frame``."""
+    missing = sorted(set(_template_fields(template)) - set(frame.columns))
+    if missing:
+        raise ValueError(
+            f"prompt.{key} uses {missing} which are not columns of the {table} table "
+            f"(columns: {', '.join(map(str, frame.columns))}){hint}"
+        )
+
+
 class PromptRenderer:
     """Render ranker prompts from item/user tables with a tokenizer's chat template and a token budget.
 
@@ -134,13 +149,10 @@ class PromptRenderer:
             raise ValueError(
                 f"prompt.history_field={config.history_field!r} is not a column of the items table (columns: {columns})"
             )
-        wanted = [f for _, f, _, _ in string.Formatter().parse(config.candidate_template) if f]
-        missing = sorted(set(wanted) - set(items.columns))
-        if missing:
-            raise ValueError(
-                f"prompt.candidate_template uses {missing} which are not columns of the items table (columns: "
-                f"{columns}); train-period statistics (stats_*, rating_summary) come from `recsys-slm data prepare`"
-            )
+        _check_template_columns(
+            "candidate_template", config.candidate_template, "items", items,
+            "; train-period statistics (stats_*, rating_summary) come from `recsys-slm data prepare`",
+        )  # fmt: skip
         ids = items["item_id"].astype(str)
         self._history_text = dict(zip(ids, items[config.history_field].astype(str)))
         self._candidate_text = dict(
@@ -150,13 +162,7 @@ class PromptRenderer:
         if config.profile_template:
             if users is None:
                 raise ValueError("prompt.profile_template is set but the data has no users table")
-            wanted = [f for _, f, _, _ in string.Formatter().parse(config.profile_template) if f]
-            missing = sorted(set(wanted) - set(users.columns))
-            if missing:
-                raise ValueError(
-                    f"prompt.profile_template uses {missing} which are not columns of the users table "
-                    f"(columns: {', '.join(map(str, users.columns))})"
-                )
+            _check_template_columns("profile_template", config.profile_template, "users", users)
             self._users = {str(r["user_id"]): r for r in users.to_dict("records")}
         if config.use_chat_template and not getattr(tokenizer, "chat_template", None):
             raise ValueError(
