@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -113,6 +114,54 @@ def small_tables() -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     )
     users = pd.DataFrame({"user_id": ["1", "2", "3"], "age": [30, 40, 50]})
     return interactions, items, users
+
+
+TINY_TITLES = ["Toy Story", "GoldenEye", "Four Rooms", "Get Shorty", "Copycat", "Babe", "Heat", "Fargo", "Alien",
+               "Contact", "Titanic", "Scream", "Casablanca", "Braveheart", "Jurassic Park", "Forrest Gump"]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def tiny_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A prepared data dir: 10 users × 12 ratings over 16 items; pointwise history 3 → 54/18/18 records.
+    Treat as read-only."""
+    from recsys_slm.data.prepare import DataPrepareConfig, prepare_dataset
+
+    src = tmp_path_factory.mktemp("logs")
+    rng = np.random.default_rng(0)
+    genres = ["Drama", "Comedy", "Action", "Horror"]
+    pd.DataFrame(
+        {
+            "item_id": [str(i) for i in range(len(TINY_TITLES))],
+            "title": TINY_TITLES,
+            "year": pd.array([1980 + i for i in range(len(TINY_TITLES))], dtype="Int64"),
+            "genres": [[genres[i % 4]] for i in range(len(TINY_TITLES))],
+        }
+    ).to_parquet(src / "items.parquet")
+    pd.DataFrame(
+        {
+            "user_id": [str(u) for u in range(10)],
+            "age": [20 + u for u in range(10)],
+            "gender": ["M", "F"] * 5,
+            "occupation": ["writer", "doctor"] * 5,
+        }
+    ).to_parquet(src / "users.parquet")
+    rows = []
+    for u in range(10):
+        for k, item in enumerate(rng.permutation(len(TINY_TITLES))[:12]):
+            rows.append((str(u), str(item), 1000 * k + u, float(rng.integers(1, 6))))
+    pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp", "rating"]).to_parquet(
+        src / "interactions.parquet"
+    )
+    out = tmp_path_factory.mktemp("prepared") / "data"
+    cfg = DataPrepareConfig(
+        dataset="logs",
+        source=src,
+        out=out,
+        pointwise={"history_len": 3, "max_records": 1000, "split": [0.6, 0.2, 0.2]},
+        candidates={"num_negatives": 3, "history_len": 3},
+    )
+    prepare_dataset(cfg)
+    return out
 
 
 # ------------------------------------------------------------------------------------------- model fixtures

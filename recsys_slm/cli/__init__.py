@@ -11,6 +11,7 @@ import sys
 
 from recsys_slm import __version__
 from recsys_slm.cli import data as data_cmd
+from recsys_slm.cli import distill as distill_cmd
 from recsys_slm.cli import eval as eval_cmd
 from recsys_slm.cli import models as models_cmd
 from recsys_slm.cli import teacher as teacher_cmd
@@ -28,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     models_cmd.register(sub)
     teacher_cmd.register(sub)
     eval_cmd.register(sub)
+    distill_cmd.register(sub)
     return parser
 
 

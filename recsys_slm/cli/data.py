@@ -1,4 +1,4 @@
-"""``recsys-slm data prepare`` and ``recsys-slm data validate``."""
+"""``recsys-slm data prepare``, ``data validate`` and ``data transfer-set``."""
 
 from __future__ import annotations
 
@@ -38,6 +38,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     val.add_argument("--rating-scale", nargs=2, type=float, metavar=("MIN", "MAX"), default=None,
                      help="declared rating scale; ratings outside it are reported")
     val.set_defaults(func=run_validate)
+
+    ts = dsub.add_parser(
+        "transfer-set",
+        help="distillation transfer set: labelled train records + teacher-labelled unrated user x item pairs",
+        description="Writes OUT (parquet: the pointwise task columns + source) atomically; score it with "
+        "`recsys-slm teacher score`. Keys: docs/distillation.md.",
+    )
+    ts.add_argument("--out", required=True, help="output parquet")
+    add_config_args(ts, "max_labelled=4000 extra_pairs=4000")
+    ts.set_defaults(func=run_transfer_set)
 
 
 def run_prepare(args: argparse.Namespace) -> int:
@@ -100,4 +110,19 @@ def run_validate(args: argparse.Namespace) -> int:
     scale = tuple(args.rating_scale) if args.rating_scale else None
     log = validate_paths(tables["interactions"], tables["items"], tables.get("users"), rating_scale=scale)
     print(f"ok: {log.n_interactions:,} interactions, {log.n_users:,} users, {log.n_items:,} items; no problems found")
+    return 0
+
+
+def run_transfer_set(args: argparse.Namespace) -> int:
+    from recsys_slm.config import load_config
+    from recsys_slm.distill.transfer_set import TransferSetConfig, build_transfer_set
+
+    frame, summary = build_transfer_set(load_config(TransferSetConfig, args.config, args.overrides))
+    out = Path(args.out).expanduser().resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    frame.to_parquet(tmp, index=False)
+    tmp.replace(out)
+    print(f"transfer set -> {out}")
+    print(f"  {json.dumps(summary)}")
     return 0

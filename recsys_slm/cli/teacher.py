@@ -21,6 +21,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--out", default=None, help="output model directory (overrides the config's out)")
     add_config_args(train, "lr=5e-5 max_steps=200")
     train.set_defaults(func=run_train)
+    score = tsub.add_parser(
+        "score",
+        help="cache teacher outputs (verbalizer logits + answer-position top-k) for off-policy distillation",
+        description="Scores every record of a pointwise task or transfer set and writes OUT (parquet: the input "
+        "columns + teacher_logit_yes/no, teacher_score, teacher_p_yes, teacher_topk_ids/logprobs). Finished "
+        "chunks are kept in OUT.parts/, so rerunning after an interruption resumes. Keys: docs/distillation.md.",
+    )
+    score.add_argument("--model", default=None, help="teacher model directory (overrides the config's model)")
+    score.add_argument("--task", default=None, help="task / transfer-set parquet (overrides the config's task)")
+    score.add_argument("--out", default=None, help="output parquet (overrides the config's out)")
+    add_config_args(score, "top_k=20 batch_size=16")
+    score.set_defaults(func=run_score)
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -29,6 +41,25 @@ def run_train(args: argparse.Namespace) -> int:
 
     overrides = list(args.overrides) + ([f"out={args.out}"] if args.out is not None else [])
     train_and_print(load_config(TeacherTrainConfig, args.config, overrides))
+    return 0
+
+
+def run_score(args: argparse.Namespace) -> int:
+    import json
+
+    from recsys_slm.config import load_config
+    from recsys_slm.distill.teacher_cache import TeacherScoreConfig, score_task
+
+    flags = {"model": args.model, "task": args.task, "out": args.out}
+    overrides = list(args.overrides) + [f"{k}={v}" for k, v in flags.items() if v is not None]
+    summary = score_task(load_config(TeacherScoreConfig, args.config, overrides))
+    auc = summary.get("teacher_auc_labelled")
+    print(f"teacher scores -> {summary['out']}")
+    print(
+        f"  {summary['records']} records ({summary['scored_now']} scored now, {summary['records_per_s']} rec/s), "
+        f"top_k {summary['top_k']}, teacher AUC on labelled rows {'n/a' if auc is None else f'{auc:.4f}'}"
+    )
+    print(json.dumps({k: v for k, v in summary.items() if k != "prompt"}, indent=2))
     return 0
 
 

@@ -114,11 +114,12 @@ def build_tiny_tokenizer(vocab_size: int = TINY_VOCAB_SIZE):
     return tokenizer
 
 
-def tiny_causal_lm_config(vocab_size: int, arch: Arch = "llama", **special_ids: int):
+def tiny_causal_lm_config(vocab_size: int, arch: Arch = "llama", num_layers: int = 2, **special_ids: int):
     """Config of a tiny causal LM: 2 layers, hidden 64, 4 heads / 2 KV heads (GQA), MLP 128, tied embeddings.
 
     Args:
         vocab_size: the tokenizer's vocabulary size.
+        num_layers: decoder blocks (default 2; student-construction tests use more).
         arch: ``"llama"`` (default, the SmolLM2 family), ``"qwen2"``, ``"mistral"`` or ``"gpt2"`` (GPT-2 has no
             GQA: 4 heads, MLP 128).
         special_ids: ``bos_token_id`` / ``eos_token_id`` / ``pad_token_id`` to record in the config.
@@ -130,13 +131,13 @@ def tiny_causal_lm_config(vocab_size: int, arch: Arch = "llama", **special_ids: 
 
     if arch == "gpt2":
         return GPT2Config(
-            vocab_size=vocab_size, n_embd=64, n_layer=2, n_head=4, n_inner=128, n_positions=512,
+            vocab_size=vocab_size, n_embd=64, n_layer=num_layers, n_head=4, n_inner=128, n_positions=512,
             tie_word_embeddings=True, **special_ids,
         )  # fmt: skip
     common = dict(
         vocab_size=vocab_size,
         hidden_size=64,
-        num_hidden_layers=2,
+        num_hidden_layers=num_layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         intermediate_size=128,
@@ -161,7 +162,13 @@ def _seeded(seed: int) -> Iterator[None]:
         yield
 
 
-def build_tiny_causal_lm(out_dir: str | Path, seed: int = 0, arch: Arch = "llama") -> Path:
+def build_tiny_causal_lm(
+    out_dir: str | Path,
+    seed: int = 0,
+    arch: Arch = "llama",
+    num_layers: int = 2,
+    vocab_size: int = TINY_VOCAB_SIZE,
+) -> Path:
     """Build, save and return a tiny randomly initialised causal LM directory.
 
     The directory holds ``model.safetensors``, ``config.json``, the tiny tokenizer (with chat template) and a
@@ -172,13 +179,17 @@ def build_tiny_causal_lm(out_dir: str | Path, seed: int = 0, arch: Arch = "llama
         out_dir: target directory (replaced if it exists).
         seed: weight initialisation seed.
         arch: ``"llama"``, ``"qwen2"``, ``"mistral"`` or ``"gpt2"``.
+        num_layers: decoder blocks.
+        vocab_size: BPE vocabulary size of the tokenizer; another size gives another tokenizer (different merges
+            and ids), which is how the cross-tokenizer tests get a teacher and a student that do not share one.
     """
     from transformers import AutoModelForCausalLM
 
-    tokenizer = build_tiny_tokenizer()
+    tokenizer = build_tiny_tokenizer(vocab_size)
     config = tiny_causal_lm_config(
         len(tokenizer),
         arch,
+        num_layers,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
@@ -193,7 +204,7 @@ def build_tiny_causal_lm(out_dir: str | Path, seed: int = 0, arch: Arch = "llama
             tmp,
             "tiny",
             config={"kind": "causal_lm", "arch": arch, "seed": seed, "vocab_size": len(tokenizer)},
-            extra={"model": {"architecture": type(model).__name__, "num_hidden_layers": 2}},
+            extra={"model": {"architecture": type(model).__name__, "num_hidden_layers": num_layers}},
         )
     return Path(out_dir)
 

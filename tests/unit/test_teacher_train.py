@@ -15,7 +15,6 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from recsys_slm.config import ConfigError, from_dict, load_config
-from recsys_slm.data.prepare import DataPrepareConfig, prepare_dataset
 from recsys_slm.data.prompts import PromptConfig, PromptRenderer
 from recsys_slm.ranker.batching import collate, epoch_batches, padding_fraction
 from recsys_slm.ranker.checkpoint import read_checkpoint_info
@@ -30,51 +29,12 @@ from recsys_slm.ranker.verbalizer import VerbalizerScorer
 
 ROOT = Path(__file__).resolve().parents[2]
 SMOKE = ROOT / "pipelines" / "configs" / "teacher" / "tiny_smoke.yaml"
-TITLES = ["Toy Story", "GoldenEye", "Four Rooms", "Get Shorty", "Copycat", "Babe", "Heat", "Fargo", "Alien",
-          "Contact", "Titanic", "Scream", "Casablanca", "Braveheart", "Jurassic Park", "Forrest Gump"]  # fmt: skip
-# Short wording keeps the tiny tokenizer's byte-level prompts small (fast tests).
 PROMPT = {"system": "Recommender.", "instruction": "Like it?", "max_tokens": 400}
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    """A prepared data dir: 10 users × 12 ratings over 16 items; pointwise history 3 → 54/18/18 records."""
-    src = tmp_path_factory.mktemp("logs")
-    rng = np.random.default_rng(0)
-    genres = ["Drama", "Comedy", "Action", "Horror"]
-    pd.DataFrame(
-        {
-            "item_id": [str(i) for i in range(len(TITLES))],
-            "title": TITLES,
-            "year": pd.array([1980 + i for i in range(len(TITLES))], dtype="Int64"),
-            "genres": [[genres[i % 4]] for i in range(len(TITLES))],
-        }
-    ).to_parquet(src / "items.parquet")
-    pd.DataFrame(
-        {
-            "user_id": [str(u) for u in range(10)],
-            "age": [20 + u for u in range(10)],
-            "gender": ["M", "F"] * 5,
-            "occupation": ["writer", "doctor"] * 5,
-        }
-    ).to_parquet(src / "users.parquet")
-    rows = []
-    for u in range(10):
-        for k, item in enumerate(rng.permutation(len(TITLES))[:12]):
-            rows.append((str(u), str(item), 1000 * k + u, float(rng.integers(1, 6))))
-    pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp", "rating"]).to_parquet(
-        src / "interactions.parquet"
-    )
-    out = tmp_path_factory.mktemp("prepared") / "data"
-    cfg = DataPrepareConfig(
-        dataset="logs",
-        source=src,
-        out=out,
-        pointwise={"history_len": 3, "max_records": 1000, "split": [0.6, 0.2, 0.2]},
-        candidates={"num_negatives": 3, "history_len": 3},
-    )
-    prepare_dataset(cfg)
-    return out
+def data_dir(tiny_data_dir) -> Path:
+    return tiny_data_dir
 
 
 def _cfg(tiny_lm_dir, data_dir, out, **overrides) -> TeacherTrainConfig:
