@@ -27,6 +27,7 @@ import torch
 from recsys_slm.config import ConfigError, check, config_to_dict, from_dict
 from recsys_slm.data.prompts import PromptConfig
 from recsys_slm.distill.objective import TOKEN_LOSSES, ObjectiveConfig, RankerObjective
+from recsys_slm.distill.on_policy import OnPolicyConfig
 from recsys_slm.distill.student import StudentConfig
 from recsys_slm.model_dir import cache_home
 from recsys_slm.training.loop import LoopConfig, LoopTask, load_best, run_loop, seed_everything, work_dir
@@ -53,6 +54,8 @@ class DistillConfig(LoopConfig):
         prompt (PromptConfig): prompt; the default is replaced by the cache's / teacher manifest's prompt.
         student (StudentConfig): how the student is made.
         objective (ObjectiveConfig): the loss.
+        on_policy (OnPolicyConfig): GKD / sequence-level KD completion term (needs the teacher model and the same
+            tokenizer; see :mod:`recsys_slm.distill.on_policy`).
         freeze_embeddings (bool): keep the student's token embeddings and output head fixed (the verbalizer rows
             stay the teacher's). Default True.
         test_eval (bool): score the pointwise test split with the best weights at the end. Default True.
@@ -68,6 +71,7 @@ class DistillConfig(LoopConfig):
     prompt: PromptConfig = field(default_factory=PromptConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    on_policy: OnPolicyConfig = field(default_factory=OnPolicyConfig)
     freeze_embeddings: bool = True
     test_eval: bool = True
 
@@ -250,13 +254,19 @@ def distill(cfg: DistillConfig, stop_after_step: int | None = None) -> dict[str,
     lengths = np.fromiter((len(s) for s in sequences), dtype=np.int64, count=len(sequences))
 
     teacher_tok = None
-    if cfg.objective.loss in TOKEN_LOSSES or cfg.teacher_cache is None:
+    on_policy = cfg.on_policy.enabled
+    if cfg.objective.loss in TOKEN_LOSSES or cfg.teacher_cache is None or on_policy:
         from recsys_slm.models.loading import load_tokenizer
 
         teacher_tok = load_tokenizer(cfg.teacher)
     online = None
-    if cfg.teacher_cache is None and cfg.objective.loss != "sft":
+    if (cfg.teacher_cache is None and cfg.objective.loss != "sft") or on_policy:
         online = _OnlineTeacher(cfg, prompt, teacher_tok, device, encode_frame(targets.frame, teacher_tok))
+    if on_policy and teacher_tok.get_vocab() != tokenizer.get_vocab():
+        raise ConfigError(
+            "config key 'on_policy.enabled': the completion term compares token ids, but the teacher and student "
+            f"tokenizers differ ({len(teacher_tok)} vs {len(tokenizer)} tokens)"
+        )
     teacher_rows = online.vocab_rows if online is not None else int(targets.meta.get("vocab_rows") or 0)
     teacher_ignore, gold, answer_ids = [], None, None
     if cfg.objective.loss in TOKEN_LOSSES:
@@ -292,19 +302,62 @@ def distill(cfg: DistillConfig, stop_after_step: int | None = None) -> dict[str,
     head = model.get_output_embeddings()
     needs_full = cfg.objective.loss in TOKEN_LOSSES
 
+    def teacher_targets(batch: np.ndarray):
+        if targets.teacher_score is not None:
+            t_score = torch.from_numpy(targets.teacher_score[batch]).to(device)
+            t_ids = torch.from_numpy(targets.topk_ids[batch]).to(device) if needs_full else None
+            t_lp = torch.from_numpy(targets.topk_logprobs[batch]).to(device) if needs_full else None
+            return t_score, t_ids, t_lp
+        if online is not None:
+            return online.outputs(batch, needs_full)
+        return None, None, None
+
     def micro_loss(batch: np.ndarray) -> tuple[torch.Tensor, dict[str, float]]:
+        labels = torch.from_numpy(targets.labels[batch]).to(device)
+        if on_policy:
+            return on_policy_loss(batch, labels)
         ids, mask = collate([sequences[i] for i in batch], scorer.pad_id)
         hidden = scorer.last_hidden(ids.to(device), mask.to(device))  # (B, H)
         verbal = scorer.verbalizer_logits(hidden)  # (B, 2)
         full = head(hidden).float() if needs_full else None  # (B, V_S): answer position only
-        labels = torch.from_numpy(targets.labels[batch]).to(device)
-        if online is not None:
-            t_score, t_ids, t_lp = online.outputs(batch, needs_full)
-        else:
-            t_score = torch.from_numpy(targets.teacher_score[batch]).to(device) if targets.teacher_score is not None else None
-            t_ids = torch.from_numpy(targets.topk_ids[batch]).to(device) if needs_full else None
-            t_lp = torch.from_numpy(targets.topk_logprobs[batch]).to(device) if needs_full else None
-        return objective(verbal, full, labels, t_score, t_ids, t_lp)
+        return objective(verbal, full, labels, *teacher_targets(batch))
+
+    def on_policy_loss(batch: np.ndarray, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        from recsys_slm.distill.on_policy import (
+            completion_token_loss,
+            hidden_states,
+            layout,
+            sample_completions,
+        )
+
+        op = cfg.on_policy
+        prompts = [sequences[i] for i in batch]
+        t_score, t_ids, t_lp = teacher_targets(batch)
+        eos = {i for i in (tokenizer.eos_token_id, teacher_tok.eos_token_id) if i is not None}
+        sampled = op.mode == "gkd" and bool(torch.rand(()) < op.student_fraction)
+        if sampled:
+            completions = sample_completions(model, prompts, op.max_new_tokens, op.temperature, eos, scorer.pad_id)
+        elif op.mode == "sequence_kd":
+            completions = sample_completions(online.scorer.model, prompts, op.max_new_tokens, 0.0, eos, scorer.pad_id)
+        else:  # the data's completion: the answer word of the label (the teacher's sign where there is none)
+            teacher_positive = t_score > 0 if t_score is not None else torch.zeros_like(labels, dtype=torch.bool)
+            positive = torch.where(torch.isnan(labels), teacher_positive, labels > 0.5).tolist()
+            completions = [[scorer.yes_id if p else scorer.no_id] for p in positive]
+        ids, mask, cmask, width_p = layout(prompts, completions, scorer.pad_id)
+        ids, mask = ids.to(device), mask.to(device)
+        m = cmask.shape[1]
+        hidden = hidden_states(model, ids, mask)  # (B, P + m, H)
+        answer = hidden[:, width_p - 1]
+        verbal = scorer.verbalizer_logits(answer)
+        full = head(answer).float() if needs_full else None
+        student_comp = head(hidden[:, width_p - 1 : width_p - 1 + m]).float()  # (B, m, V)
+        with torch.no_grad():
+            t_hidden = hidden_states(online.scorer.model, ids, mask)[:, width_p - 1 : width_p - 1 + m]
+            teacher_comp = online.scorer.model.get_output_embeddings()(t_hidden).float()
+        token = completion_token_loss(student_comp, teacher_comp, ids[:, width_p:], cmask, op)
+        main, parts = objective(verbal, full, labels, t_score, t_ids, t_lp)
+        return main + op.weight * token, {**parts, "on_policy": float(token.detach()),
+                                          "student_sampled": float(sampled) * len(batch)}  # fmt: skip
 
     task = LoopTask(
         model=model,
