@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def _config_classes():
     from pipelines.quickstart import QuickstartConfig
     from recsys_slm.data.prepare import DataPrepareConfig
+    from recsys_slm.distill.trainer import DistillConfig
     from recsys_slm.evaluation.ranker_eval import RankerEvalConfig
     from recsys_slm.ranker.train import TeacherTrainConfig
 
@@ -23,6 +24,7 @@ def _config_classes():
         "data": DataPrepareConfig,
         "teacher": TeacherTrainConfig,
         "ranker": RankerEvalConfig,
+        "distill": DistillConfig,
     }
 
 
@@ -48,6 +50,7 @@ def test_movielens_prompt_is_the_same_everywhere():
     files = [
         "pipelines/configs/quickstart/smollm2_movielens.yaml",
         "pipelines/configs/teacher/smollm2_movielens.yaml",
+        "pipelines/configs/teacher/qwen_coder_movielens.yaml",
         "eval/configs/ranker/smollm2_movielens.yaml",
     ]
     blocks = {f: yaml.safe_load((ROOT / f).read_text())["prompt"] for f in files}
