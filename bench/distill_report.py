@@ -14,7 +14,6 @@ Writes ``OUT/report.json`` and ``OUT/summary.md``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import time
