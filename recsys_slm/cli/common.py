@@ -33,6 +33,12 @@ def add_config_args(parser: argparse.ArgumentParser, example: str) -> None:
     )
 
 
+def with_flags(overrides: list[str], **flags: Any) -> list[str]:
+    """``key=value`` overrides followed by one per command-line flag that was given (flags win over the config
+    file and earlier overrides, since later overrides apply last)."""
+    return list(overrides) + [f"{key}={value}" for key, value in flags.items() if value is not None]
+
+
 def run_guarded(fn: Callable[[], Any], prog: str = "recsys-slm") -> int:
     """Run ``fn`` and turn user-fixable errors into a one-line message and an exit status."""
     from recsys_slm.data.schema import DataValidationError

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from recsys_slm.cli.common import add_config_args
+from recsys_slm.cli.common import add_config_args, with_flags
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -54,11 +54,8 @@ def run_prepare(args: argparse.Namespace) -> int:
     from recsys_slm.config import load_config
     from recsys_slm.data.prepare import DataPrepareConfig, prepare_dataset
 
-    overrides = list(args.overrides)
-    for key, value in (("dataset", args.dataset), ("source", args.source), ("out", args.out),
-                       ("on_invalid", args.on_invalid)):
-        if value is not None:
-            overrides.append(f"{key}={value}")
+    overrides = with_flags(args.overrides, dataset=args.dataset, source=args.source, out=args.out,
+                           on_invalid=args.on_invalid)
     cfg = load_config(DataPrepareConfig, args.config, overrides)
     summary = prepare_dataset(cfg)
     print(f"prepared {summary['dataset']} -> {summary['out']}")

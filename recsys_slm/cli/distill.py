@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from recsys_slm.cli.common import add_config_args
+from recsys_slm.cli.common import add_config_args, with_flags
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -25,8 +25,7 @@ def run_distill(args: argparse.Namespace) -> int:
     from recsys_slm.config import load_config
     from recsys_slm.distill.trainer import DistillConfig
 
-    overrides = list(args.overrides) + ([f"out={args.out}"] if args.out is not None else [])
-    distill_and_print(load_config(DistillConfig, args.config, overrides))
+    distill_and_print(load_config(DistillConfig, args.config, with_flags(args.overrides, out=args.out)))
     return 0
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from recsys_slm.cli.common import add_config_args
+from recsys_slm.cli.common import add_config_args, with_flags
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -39,8 +39,7 @@ def run_train(args: argparse.Namespace) -> int:
     from recsys_slm.config import load_config
     from recsys_slm.ranker.train import TeacherTrainConfig
 
-    overrides = list(args.overrides) + ([f"out={args.out}"] if args.out is not None else [])
-    train_and_print(load_config(TeacherTrainConfig, args.config, overrides))
+    train_and_print(load_config(TeacherTrainConfig, args.config, with_flags(args.overrides, out=args.out)))
     return 0
 
 
@@ -50,8 +49,7 @@ def run_score(args: argparse.Namespace) -> int:
     from recsys_slm.config import load_config
     from recsys_slm.distill.teacher_cache import TeacherScoreConfig, score_task
 
-    flags = {"model": args.model, "task": args.task, "out": args.out}
-    overrides = list(args.overrides) + [f"{k}={v}" for k, v in flags.items() if v is not None]
+    overrides = with_flags(args.overrides, model=args.model, task=args.task, out=args.out)
     summary = score_task(load_config(TeacherScoreConfig, args.config, overrides))
     auc = summary.get("teacher_auc_labelled")
     print(f"teacher scores -> {summary['out']}")
