@@ -49,6 +49,9 @@ class ObjectiveConfig:
         divergence (str): token_kd divergence: forward_kl | reverse_kl | jsd | tv. Default "forward_kl".
         beta (float): generalized-JSD β for divergence=jsd and for gold, in [0, 1]. Default 0.5.
         t2_scaling (bool): multiply KD terms by T² (Hinton). Default True.
+        hidden_weight (float): weight of the intermediate-state term (answer-position hidden states of mapped
+            layer pairs; needs the teacher model and equal widths). 0 = off. Default 0.
+        hidden_kind (str): "mse" or "cosine" for that term. Default "mse".
     """
 
     loss: LossKind = "binary_kl"
@@ -57,9 +60,12 @@ class ObjectiveConfig:
     divergence: Literal["forward_kl", "reverse_kl", "jsd", "tv"] = "forward_kl"
     beta: float = 0.5
     t2_scaling: bool = True
+    hidden_weight: float = 0.0
+    hidden_kind: Literal["mse", "cosine"] = "mse"
 
     def __post_init__(self) -> None:
         validate_fields(self)
+        check(self.hidden_weight >= 0, "hidden_weight", f"must be >= 0, got {self.hidden_weight}")
         check(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}")
         check(0.0 <= self.kd_weight <= 1.0, "kd_weight", f"must be in [0, 1], got {self.kd_weight}")
         check(0.0 <= self.beta <= 1.0, "beta", f"must be in [0, 1], got {self.beta}")

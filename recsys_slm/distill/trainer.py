@@ -255,12 +255,13 @@ def distill(cfg: DistillConfig, stop_after_step: int | None = None) -> dict[str,
 
     teacher_tok = None
     on_policy = cfg.on_policy.enabled
-    if cfg.objective.loss in TOKEN_LOSSES or cfg.teacher_cache is None or on_policy:
+    if cfg.objective.loss in TOKEN_LOSSES or cfg.teacher_cache is None or on_policy or cfg.objective.hidden_weight > 0:
         from recsys_slm.models.loading import load_tokenizer
 
         teacher_tok = load_tokenizer(cfg.teacher)
     online = None
-    if (cfg.teacher_cache is None and cfg.objective.loss != "sft") or on_policy:
+    hidden_term = cfg.objective.hidden_weight > 0
+    if (cfg.teacher_cache is None and cfg.objective.loss != "sft") or on_policy or hidden_term:
         online = _OnlineTeacher(cfg, prompt, teacher_tok, device, encode_frame(targets.frame, teacher_tok))
     if on_policy and teacher_tok.get_vocab() != tokenizer.get_vocab():
         raise ConfigError(
@@ -286,6 +287,9 @@ def distill(cfg: DistillConfig, stop_after_step: int | None = None) -> dict[str,
                 verbalizer_token_ids(teacher_tok, prompt.yes_token, prompt.no_token),
             )
     objective = RankerObjective(cfg.objective, gold, teacher_rows, teacher_ignore, student_ignore, answer_ids)
+    hidden_pairs, hidden_loss = None, None
+    if hidden_term:
+        hidden_pairs, hidden_loss = _hidden_plan(cfg, model, online.scorer.model, lineage)
 
     if cfg.freeze_embeddings:
         _freeze_embeddings(model)
@@ -317,10 +321,22 @@ def distill(cfg: DistillConfig, stop_after_step: int | None = None) -> dict[str,
         if on_policy:
             return on_policy_loss(batch, labels)
         ids, mask = collate([sequences[i] for i in batch], scorer.pad_id)
-        hidden = scorer.last_hidden(ids.to(device), mask.to(device))  # (B, H)
+        if hidden_term:
+            states = answer_states(model, ids.to(device), mask.to(device))  # per layer output: (B, H)
+            hidden = states[-1]
+        else:
+            hidden = scorer.last_hidden(ids.to(device), mask.to(device))  # (B, H)
         verbal = scorer.verbalizer_logits(hidden)  # (B, 2)
         full = head(hidden).float() if needs_full else None  # (B, V_S): answer position only
-        return objective(verbal, full, labels, *teacher_targets(batch))
+        loss, parts = objective(verbal, full, labels, *teacher_targets(batch))
+        if hidden_term:
+            t_ids, t_mask = collate([online.sequences[i] for i in batch], online.scorer.pad_id)
+            with torch.no_grad():
+                t_states = answer_states(online.scorer.model, t_ids.to(device), t_mask.to(device))
+            term = sum(hidden_loss(states[s], t_states[t]) for s, t in hidden_pairs) * len(batch)
+            loss = loss + cfg.objective.hidden_weight * term
+            parts["hidden"] = float(term.detach())
+        return loss, parts
 
     def on_policy_loss(batch: np.ndarray, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         from recsys_slm.distill.on_policy import (
@@ -403,6 +419,35 @@ def distill(cfg: DistillConfig, stop_after_step: int | None = None) -> dict[str,
     if not cfg.keep_checkpoints:
         shutil.rmtree(work, ignore_errors=True)
     return {**metrics, "out": str(out)}
+
+
+def answer_states(model, ids: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
+    """Hidden states at each row's last real token: index 0 the embeddings, i the output of block i (HF's
+    ``output_hidden_states`` convention; the last entry is after the final norm, as the head reads it)."""
+    position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    out = model.base_model(input_ids=ids, attention_mask=mask, position_ids=position_ids, output_hidden_states=True)
+    last = mask.long().cumsum(-1).argmax(-1)
+    rows = torch.arange(ids.shape[0], device=ids.device)
+    return [h[rows, last] for h in out.hidden_states]
+
+
+def _hidden_plan(cfg: DistillConfig, student, teacher, lineage: dict):
+    """Layer pairs and the loss of the intermediate-state term. A layer-subset student of the teacher pairs its
+    block j with the teacher block it was copied from; any other student uses TinyBERT's uniform map."""
+    from recsys_slm.distill.ranker_losses import HiddenStateLoss, uniform_layer_map
+
+    s_width, t_width = student.config.hidden_size, teacher.config.hidden_size
+    if s_width != t_width:
+        raise ConfigError(
+            f"config key 'objective.hidden_weight': student and teacher widths differ ({s_width} vs {t_width}); the "
+            "trainer supports the intermediate-state term for equal widths only (a learned projection is not wired in)"
+        )
+    kept = lineage.get("kept_layers")
+    if kept is not None and cfg.student.source is None:
+        pairs = [(j + 1, i + 1) for j, i in enumerate(kept)]
+    else:
+        pairs = uniform_layer_map(student.config.num_hidden_layers, teacher.config.num_hidden_layers)
+    return pairs, HiddenStateLoss(s_width, t_width, cfg.objective.hidden_kind)
 
 
 def _fingerprint(sequences: list[list[int]], targets: _Targets) -> str:

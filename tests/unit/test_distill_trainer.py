@@ -288,3 +288,20 @@ def test_on_policy_distillation_trains_and_resumes(teacher_dir, cache, tiny_data
         distill(cfg, stop_after_step=3)
     resumed = distill(cfg)
     assert resumed["best_val_auc"] == pytest.approx(full["best_val_auc"], abs=1e-3)
+
+
+def test_hidden_state_term_pairs_copied_layers(teacher_dir, cache, tiny_data_dir, tmp_path):
+    from recsys_slm.distill.trainer import answer_states
+
+    model = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
+    ids, mask = torch.tensor([[0, 0, 5, 6, 7], [4, 5, 6, 7, 8]]), torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    states = answer_states(model, ids, mask)
+    assert len(states) == 5 and states[-1].shape == (2, 64)
+    with torch.no_grad():
+        ref = model(torch.tensor([[5, 6, 7]]), output_hidden_states=True).hidden_states
+    for got, want in zip(states, ref, strict=True):
+        torch.testing.assert_close(got[0], want[0, -1], atol=1e-5, rtol=1e-4)
+    summary = distill(_cfg(teacher_dir, cache, tiny_data_dir, tmp_path / "h", max_steps=2, eval_every=2,
+                           test_eval=False, objective={"loss": "binary_kl", "hidden_weight": 0.5}))  # fmt: skip
+    lines = [json.loads(x) for x in (tmp_path / "h" / "metrics.jsonl").read_text().splitlines()]
+    assert lines[-1]["hidden"] > 0 and summary["steps"] == 2
