@@ -305,3 +305,14 @@ def test_hidden_state_term_pairs_copied_layers(teacher_dir, cache, tiny_data_dir
                            test_eval=False, objective={"loss": "binary_kl", "hidden_weight": 0.5}))  # fmt: skip
     lines = [json.loads(x) for x in (tmp_path / "h" / "metrics.jsonl").read_text().splitlines()]
     assert lines[-1]["hidden"] > 0 and summary["steps"] == 2
+
+
+def test_pipeline_recipe_runs_the_same_job(teacher_dir, cache, tiny_data_dir, tmp_path):
+    from pipelines.distill import cli
+
+    args = [f"out={tmp_path / 'recipe'}", f"teacher={teacher_dir}", f"teacher_cache={cache}", f"data_dir={tiny_data_dir}",
+            "student.num_layers=1", "max_steps=1", "eval_every=0", "test_eval=false", "device=cpu", "progress=false",
+            *[f"prompt.{k}={v}" for k, v in PROMPT.items()]]  # fmt: skip
+    assert cli(args) == 0
+    assert read_manifest(tmp_path / "recipe")["stage"] == "distill"
+    assert cli([*args, "student.selection=nope"]) == 2
