@@ -98,6 +98,10 @@ def write_json_atomic(path: str | Path, data: Any) -> None:
     with os.fdopen(fd, "w") as fh:
         json.dump(data, fh, indent=2, sort_keys=False, default=str)
         fh.write("\n")
+    # mkstemp creates 0600 files; a manifest must be as readable as the weights next to it (serving users).
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     os.replace(tmp, path)
 
 

@@ -75,3 +75,17 @@ def test_manifest_round_trip(tmp_path):
     (tmp_path / "recsys_slm.json").write_text("{broken")
     with pytest.raises(ValueError, match="recsys_slm.json is not valid JSON"):
         read_manifest(tmp_path)
+
+
+def test_json_files_get_plain_file_permissions(tmp_path):
+    import os
+    import stat
+
+    from recsys_slm.model_dir import write_json_atomic
+
+    old = os.umask(0o022)
+    try:
+        write_json_atomic(tmp_path / "m.json", {"a": 1})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "m.json").stat().st_mode) == 0o644  # not mkstemp's 0600
