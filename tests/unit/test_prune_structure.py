@@ -1,0 +1,123 @@
+"""Structural pruning operators: pruning equals masking the removed units, GQA stays valid, and uniformly pruned
+models reload with stock transformers in a fresh process that never imports recsys_slm."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from recsys_slm.models.layers import decoder_layers
+from recsys_slm.models.tiny import build_tiny_causal_lm
+from recsys_slm.prune.structure import (
+    check_gqa_keep,
+    layer_widths,
+    non_embedding_params,
+    prune_attention_heads,
+    prune_mlp_neurons,
+    sync_config,
+)
+
+IDS = torch.tensor([[5, 9, 13, 22, 40, 41, 7], [3, 3, 60, 61, 62, 8, 100]])
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def lm_dir(request, tmp_path_factory):
+    return build_tiny_causal_lm(tmp_path_factory.mktemp(request.param) / "m", seed=4, arch=request.param, num_layers=3)
+
+
+def _load(path):
+    return AutoModelForCausalLM.from_pretrained(path).eval()
+
+
+def _logits(model):
+    with torch.no_grad():
+        return model(IDS).logits
+
+
+def test_keeping_everything_changes_nothing(lm_dir):
+    model = _load(lm_dir)
+    before = _logits(model)
+    for layer in decoder_layers(model):
+        prune_attention_heads(layer.self_attn, range(4))
+        prune_mlp_neurons(layer.mlp, range(128))
+    torch.testing.assert_close(_logits(model), before, atol=1e-6, rtol=0)
+
+
+def test_head_pruning_equals_zeroing_the_heads_output(lm_dir):
+    """Removing query heads = zeroing their o_proj input columns (the reference: the heads contribute nothing)."""
+    pruned, masked = _load(lm_dir), _load(lm_dir)
+    keep = [0, 2]  # 4 query heads / 2 KV heads: one query head per group
+    hd = 16
+    for lp, lm in zip(decoder_layers(pruned), decoder_layers(masked), strict=True):
+        prune_attention_heads(lp.self_attn, keep)
+        for h in (1, 3):
+            lm.self_attn.o_proj.weight.data[:, h * hd : (h + 1) * hd] = 0
+    torch.testing.assert_close(_logits(pruned), _logits(masked), atol=1e-5, rtol=1e-5)
+    assert layer_widths(pruned)[0].heads == 2 and layer_widths(pruned)[0].kv_heads == 2
+
+
+def test_removing_a_whole_kv_group_equals_masking_it(lm_dir):
+    pruned, masked = _load(lm_dir), _load(lm_dir)
+    for lp, lm in zip(decoder_layers(pruned), decoder_layers(masked), strict=True):
+        prune_attention_heads(lp.self_attn, [2, 3])  # group 1 only
+        lm.self_attn.o_proj.weight.data[:, :32] = 0
+    torch.testing.assert_close(_logits(pruned), _logits(masked), atol=1e-5, rtol=1e-5)
+    assert layer_widths(pruned)[0].kv_heads == 1
+
+
+def test_mlp_pruning_equals_zeroing_down_columns(lm_dir):
+    pruned, masked = _load(lm_dir), _load(lm_dir)
+    keep = list(range(0, 128, 2))
+    for lp, lm in zip(decoder_layers(pruned), decoder_layers(masked), strict=True):
+        prune_mlp_neurons(lp.mlp, keep)
+        lm.mlp.down_proj.weight.data[:, 1::2] = 0
+    torch.testing.assert_close(_logits(pruned), _logits(masked), atol=1e-5, rtol=1e-5)
+    assert layer_widths(pruned)[0].intermediate == 64
+
+
+def test_gqa_validation(tmp_path):
+    assert check_gqa_keep([0, 1, 6, 7], heads=8, kv_heads=4) == ([0, 3], 2)
+    with pytest.raises(ValueError, match="same number of query heads"):
+        check_gqa_keep([0, 1, 2], heads=8, kv_heads=4)
+    with pytest.raises(ValueError, match="distinct indices"):
+        check_gqa_keep([0, 8], heads=8, kv_heads=4)
+    with pytest.raises(ValueError, match="every attention head"):
+        check_gqa_keep([], heads=8, kv_heads=4)
+    with pytest.raises(ValueError, match="at least one"):
+        prune_mlp_neurons(_load(build_tiny_causal_lm(tmp_path / "t", num_layers=1)).model.layers[0].mlp, [])
+
+
+def test_uniformly_pruned_model_reloads_in_a_fresh_process_without_recsys_slm(lm_dir, tmp_path):
+    model = _load(lm_dir)
+    before = non_embedding_params(model)
+    for layer in decoder_layers(model):
+        prune_attention_heads(layer.self_attn, [0, 2])
+        prune_mlp_neurons(layer.mlp, range(48))
+    sync_config(model)
+    assert non_embedding_params(model) < before
+    model.save_pretrained(tmp_path / "p", safe_serialization=True)
+    expected = _logits(model)
+    code = (
+        "import json, sys, torch\n"
+        "from transformers import AutoModelForCausalLM\n"
+        f"m = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'p')!r}).eval()\n"
+        f"ids = torch.tensor({IDS.tolist()})\n"
+        "with torch.no_grad(): out = m(ids).logits\n"
+        "assert 'recsys_slm' not in sys.modules\n"
+        "print(json.dumps(out.tolist()))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    torch.testing.assert_close(torch.tensor(json.loads(result.stdout.strip().splitlines()[-1])), expected,
+                               atol=1e-5, rtol=1e-5)  # fmt: skip
+
+
+def test_sync_config_refuses_non_uniform_widths(lm_dir):
+    model = _load(lm_dir)
+    prune_mlp_neurons(decoder_layers(model)[1].mlp, range(64))
+    with pytest.raises(ValueError, match="different widths"):
+        sync_config(model)
