@@ -33,6 +33,18 @@ student kd_binary "${S[@]}" "sources=[labelled]" objective.loss=binary_kl
 student sft "${S[@]}" "sources=[labelled]" objective.loss=sft
 student kd_binary_enlarged "${S[@]}" "sources=[labelled,teacher_labelled]" objective.loss=binary_kl
 
+# 3b. Kill and resume: rerun kd_binary, SIGKILL it past its step-150 checkpoint, rerun the same command, and compare
+#     the final metrics with the uninterrupted run (docs/results/distill_movielens/kd_resume.json).
+if [ ! -f "$R/kd_resume/recsys_slm.json" ]; then
+    ARGS=(--config "$CFG" --out "$R/kd_resume" "${S[@]}" progress=false "sources=[labelled]" objective.loss=binary_kl)
+    "$CLI" distill "${ARGS[@]}" > "$R/kd_resume.log" 2>&1 &
+    PID=$!
+    until grep -q '"step": 150' "$R/kd_resume.work/checkpoint-last/state.json" 2>/dev/null; do sleep 5; done
+    sleep 60; kill -9 "$PID"; wait "$PID" 2>/dev/null || true
+    "$CLI" distill "${ARGS[@]}"
+fi
+"$ROOT/.venv/bin/python" -m bench.compare_runs "$R/kd_binary" "$R/kd_resume" --out docs/results/distill_movielens/kd_resume.json
+
 # 4. Cross-tokenizer: a Qwen2.5-Coder-0.5B teacher (100 steps on CPU), 2,000-record transfer set, students from
 #    the base SmolLM2 (10 layers), 125 steps; the same-tokenizer references use the SmolLM2 teacher's cache.
 Q=$R/teacher_qwen
