@@ -121,3 +121,51 @@ def test_sync_config_refuses_non_uniform_widths(lm_dir):
     prune_mlp_neurons(decoder_layers(model)[1].mlp, range(64))
     with pytest.raises(ValueError, match="different widths"):
         sync_config(model)
+
+
+# ------------------------------------------------------------------------------------------------ importance
+def test_magnitude_scores_match_definition(lm_dir):
+    from recsys_slm.prune.importance import magnitude_scores
+
+    model = _load(lm_dir)
+    heads, neurons = magnitude_scores(model)
+    attn, mlp = model.model.layers[1].self_attn, model.model.layers[1].mlp
+    q, o = attn.q_proj.weight[16:32], attn.o_proj.weight[:, 16:32]  # head 1 (head_dim 16)
+    assert heads[1, 1].item() == pytest.approx(torch.cat([q.flatten(), o.flatten()]).norm().item(), rel=1e-5)
+    ref = torch.cat([mlp.gate_proj.weight[7], mlp.up_proj.weight[7], mlp.down_proj.weight[:, 7]]).norm()
+    assert neurons[1, 7].item() == pytest.approx(ref.item(), rel=1e-5)
+
+
+def test_activation_scores_match_naive_per_sequence_reference(lm_dir):
+    """mean over each sequence's real tokens, then L2 over sequences; padding must not count."""
+    from recsys_slm.prune.importance import activation_scores
+
+    model = _load(lm_dir)
+    seqs = [[5, 9, 13, 22], [7, 8], [40, 41, 42, 43, 44]]
+    heads, neurons = activation_scores(model, seqs, pad_id=0, batch_size=2)
+    captured = {}
+    layer = model.model.layers[2]
+    h1 = layer.self_attn.o_proj.register_forward_pre_hook(lambda m, a: captured.__setitem__("o", a[0]))
+    h2 = layer.mlp.down_proj.register_forward_pre_hook(lambda m, a: captured.__setitem__("d", a[0]))
+    head_rows, neuron_rows = [], []
+    for seq in seqs:  # one unpadded sequence at a time
+        with torch.no_grad():
+            model(torch.tensor([seq]))
+        head_rows.append(captured["o"][0].reshape(len(seq), 4, 16).norm(dim=-1).mean(0))
+        neuron_rows.append(captured["d"][0].abs().mean(0))
+    h1.remove(), h2.remove()
+    torch.testing.assert_close(heads[2].float(), torch.stack(head_rows).pow(2).sum(0).sqrt(), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(neurons[2].float(), torch.stack(neuron_rows).pow(2).sum(0).sqrt(), atol=1e-4, rtol=1e-4)
+
+
+def test_uniform_plans_are_gqa_valid():
+    from recsys_slm.prune.importance import uniform_head_plan, uniform_neuron_plan
+
+    scores = torch.tensor([[1.0, 2.0, 9.0, 8.0], [5.0, 0.0, 1.0, 2.0]])
+    assert uniform_head_plan(scores, kv_heads=2, keep_heads=2, mode="kv_groups") == [[2, 3], [0, 1]]
+    assert uniform_head_plan(scores, kv_heads=2, keep_heads=2, mode="query_heads") == [[1, 2], [0, 3]]
+    for plan in uniform_head_plan(scores, 2, 2, "query_heads"):
+        check_gqa_keep(plan, 4, 2)
+    with pytest.raises(ValueError, match="multiple of 2"):
+        uniform_head_plan(scores, kv_heads=2, keep_heads=3)
+    assert uniform_neuron_plan(torch.tensor([[3.0, 1.0, 2.0]]), 2) == [[0, 2]]
