@@ -14,6 +14,7 @@ from recsys_slm.cli import data as data_cmd
 from recsys_slm.cli import distill as distill_cmd
 from recsys_slm.cli import eval as eval_cmd
 from recsys_slm.cli import models as models_cmd
+from recsys_slm.cli import prune as prune_cmd
 from recsys_slm.cli import teacher as teacher_cmd
 from recsys_slm.cli.common import run_guarded
 
@@ -30,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     teacher_cmd.register(sub)
     eval_cmd.register(sub)
     distill_cmd.register(sub)
+    prune_cmd.register(sub)
     return parser
 
 

@@ -169,3 +169,24 @@ def test_uniform_plans_are_gqa_valid():
     with pytest.raises(ValueError, match="multiple of 2"):
         uniform_head_plan(scores, kv_heads=2, keep_heads=3)
     assert uniform_neuron_plan(torch.tensor([[3.0, 1.0, 2.0]]), 2) == [[0, 2]]
+
+
+# ------------------------------------------------------------------------------------------------ command
+@pytest.mark.parametrize("method", ["magnitude", "activation"])
+def test_prune_command_writes_a_stock_model_with_report(tmp_path, tiny_data_dir, method, capsys):
+    from recsys_slm.cli import main
+    from recsys_slm.model_dir import read_manifest
+
+    src = build_tiny_causal_lm(tmp_path / "src", seed=2, num_layers=2)
+    prompt = ["prompt.system=Recommender.", "prompt.instruction=Like it?", "prompt.max_tokens=400"]
+    rc = main(["prune", "--model", str(src), "--out", str(tmp_path / "p"), f"data_dir={tiny_data_dir}",
+               f"method={method}", "heads_keep=0.5", "neurons_keep=0.25", "calibration_records=8",
+               "eval_records=18", "device=cpu", *prompt])  # fmt: skip
+    assert rc == 0 and "non-embedding params" in capsys.readouterr().out
+    m = read_manifest(tmp_path / "p")["metrics"]
+    assert m["after"]["widths"] == {"heads": 2, "kv_heads": 2, "head_dim": 16, "intermediate": 32}
+    assert m["after"]["non_embedding_params"] < m["before"]["non_embedding_params"]
+    assert 0 <= m["after"]["val_auc"] <= 1 and m["forward_speedup"] > 0
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "p")
+    assert reloaded.config.num_attention_heads == 2 and reloaded.config.intermediate_size == 32
+    assert main(["prune", "--model", str(src), "--out", str(tmp_path / "q"), "heads_keep=0"]) == 2
