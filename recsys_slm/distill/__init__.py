@@ -1,6 +1,9 @@
-"""Distillation building blocks: token-level divergences, ranker-score objectives, cross-tokenizer losses.
+"""Distillation (stages 1 and 3): losses (token-level divergences, ranker-score objectives, cross-tokenizer
+ULD/GOLD), student construction (``student``), transfer sets (``transfer_set``), the off-policy teacher cache
+(``teacher_cache``), the ranker objective (``objective``), on-policy GKD (``on_policy``) and the trainer
+(``trainer.distill``, the ``recsys-slm distill`` command). See docs/distillation.md.
 
-Pure torch; the distillation trainer and CLI are not built yet. See docs/distillation.md.
+Only the losses are imported here (pure torch); import the other modules directly.
 """
 
 from recsys_slm.distill.cross_tokenizer import (
