@@ -64,6 +64,10 @@ class PruneConfig:
     def __post_init__(self) -> None:
         validate_fields(self)
         check(bool(self.model.strip()), "model", "must name the model directory to prune")
+        if self.model.startswith(("$", "~")):  # a directory under $RECSYS_SLM_HOME or ~, as YAML files write it
+            from recsys_slm.config import expand_path
+
+            self.model = str(expand_path(self.model))
         check(self.out is not None, "out", "must name the output directory")
         for key in ("heads_keep", "neurons_keep"):
             check(0 < getattr(self, key) <= 1, key, f"must be in (0, 1], got {getattr(self, key)}")

@@ -16,6 +16,7 @@ def _config_classes():
     from recsys_slm.data.prepare import DataPrepareConfig
     from recsys_slm.distill.trainer import DistillConfig
     from recsys_slm.evaluation.ranker_eval import RankerEvalConfig
+    from recsys_slm.prune.pruner import PruneConfig
     from recsys_slm.ranker.train import TeacherTrainConfig
 
     # folder name under */configs/ -> the dataclass its YAML files load into
@@ -25,6 +26,7 @@ def _config_classes():
         "teacher": TeacherTrainConfig,
         "ranker": RankerEvalConfig,
         "distill": DistillConfig,
+        "prune": PruneConfig,
     }
 
 
