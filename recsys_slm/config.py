@@ -151,6 +151,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
+def expand_model_spec(spec: str) -> str:
+    """A model spec (packaged name, directory or hub id) with ``$RECSYS_SLM_HOME``/``~`` expanded when it starts
+    with one: YAML files point at model directories under the cache that way; names and hub ids pass through."""
+    return str(expand_path(spec)) if spec.startswith(("$", "~")) else spec
+
+
 def expand_path(value: str | Path) -> Path:
     """``~`` and environment variables expanded; ``$RECSYS_SLM_HOME`` falls back to its default
     (``~/.cache/recsys_slm``) when unset, so shipped YAML files can point into the cache portably."""

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from recsys_slm.config import ConfigError, check, config_to_dict, from_dict
+from recsys_slm.config import ConfigError, check, config_to_dict, expand_model_spec, from_dict
 from recsys_slm.data.prompts import PromptConfig
 from recsys_slm.distill.objective import TOKEN_LOSSES, ObjectiveConfig, RankerObjective
 from recsys_slm.distill.on_policy import OnPolicyConfig
@@ -78,10 +78,7 @@ class DistillConfig(LoopConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check(bool(self.teacher.strip()), "teacher", "must name the teacher model directory")
-        if self.teacher.startswith(("$", "~")):  # a directory under $RECSYS_SLM_HOME or ~, as YAML files write it
-            from recsys_slm.config import expand_path
-
-            self.teacher = str(expand_path(self.teacher))
+        self.teacher = expand_model_spec(self.teacher)
         allowed = {"labelled", "teacher_labelled"}
         bad = sorted(set(self.sources) - allowed)
         check(not bad and bool(self.sources), "sources", f"must be a non-empty subset of {sorted(allowed)}, got {self.sources}")

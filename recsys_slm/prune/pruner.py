@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 import torch
 
-from recsys_slm.config import check, config_to_dict, validate_fields
+from recsys_slm.config import check, config_to_dict, expand_model_spec, validate_fields
 from recsys_slm.data.prompts import PromptConfig
 from recsys_slm.model_dir import cache_home
 
@@ -64,10 +64,7 @@ class PruneConfig:
     def __post_init__(self) -> None:
         validate_fields(self)
         check(bool(self.model.strip()), "model", "must name the model directory to prune")
-        if self.model.startswith(("$", "~")):  # a directory under $RECSYS_SLM_HOME or ~, as YAML files write it
-            from recsys_slm.config import expand_path
-
-            self.model = str(expand_path(self.model))
+        self.model = expand_model_spec(self.model)
         check(self.out is not None, "out", "must name the output directory")
         for key in ("heads_keep", "neurons_keep"):
             check(0 < getattr(self, key) <= 1, key, f"must be in (0, 1], got {getattr(self, key)}")
