@@ -127,12 +127,11 @@ def block_influence(model: torch.nn.Module, sequences: Sequence[Sequence[int]], 
     Returns:
         np.ndarray: (L,) float64, one score per block.
     """
+    from recsys_slm.models.calibration import calibration_forward
     from recsys_slm.models.layers import decoder_layers
-    from recsys_slm.ranker.batching import collate
 
     layers = decoder_layers(model)
     sums = np.zeros(len(layers))
-    count = 0
     current_mask: dict[str, torch.Tensor] = {}
 
     def hook(index: int):
@@ -145,21 +144,8 @@ def block_influence(model: torch.nn.Module, sequences: Sequence[Sequence[int]], 
         return fn
 
     handles = [layer.register_forward_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
-    was_training = model.training
-    model.eval()
-    try:
-        device = next(model.parameters()).device
-        for start in range(0, len(sequences), batch_size):
-            ids, mask = collate(sequences[start : start + batch_size], pad_id)
-            current_mask["m"] = mask.to(device).float()
-            position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-            model.base_model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                             position_ids=position_ids.to(device))  # fmt: skip
-            count += int(mask.sum())
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+    count = calibration_forward(model, sequences, pad_id, batch_size, handles,
+                                lambda mask: current_mask.__setitem__("m", mask.float()))  # fmt: skip
     return 1.0 - sums / max(1, count)
 
 

@@ -44,7 +44,7 @@ def activation_scores(model: torch.nn.Module, sequences: Sequence[Sequence[int]]
     Returns:
         tuple[torch.Tensor, torch.Tensor]: heads (L, n_heads) and neurons (L, intermediate), float64.
     """
-    from recsys_slm.ranker.batching import collate
+    from recsys_slm.models.calibration import calibration_forward
 
     layers = decoder_layers(model)
     per_row_heads: list[list[torch.Tensor]] = [[] for _ in layers]  # per layer: (B, n_heads) sequence means
@@ -69,19 +69,8 @@ def activation_scores(model: torch.nn.Module, sequences: Sequence[Sequence[int]]
         o_hook, d_hook = hooks(i)
         handles.append(layer.self_attn.o_proj.register_forward_pre_hook(o_hook))
         handles.append(layer.mlp.down_proj.register_forward_pre_hook(d_hook))
-    was_training = model.training
-    model.eval()
-    try:
-        device = next(model.parameters()).device
-        for start in range(0, len(sequences), batch_size):
-            ids, mask = collate(sequences[start : start + batch_size], pad_id)
-            state["mask"] = mask.to(device).double()
-            position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-            model.base_model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=position_ids.to(device))
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+    calibration_forward(model, sequences, pad_id, batch_size, handles,
+                        lambda mask: state.__setitem__("mask", mask.double()))  # fmt: skip
     heads = torch.stack([torch.cat(rows).pow(2).sum(0).sqrt() for rows in per_row_heads])
     neurons = torch.stack([torch.cat(rows).pow(2).sum(0).sqrt() for rows in per_row_neurons])
     return heads, neurons
