@@ -121,3 +121,47 @@ def uniform_head_plan(scores: torch.Tensor, kv_heads: int, keep_heads: int,
             blocks = row.reshape(kv_heads, group)
             plans.append(sorted(g * group + j for g in range(kv_heads) for j in blocks[g].topk(per).indices.tolist()))
     return plans
+
+
+def taylor_scores(model: torch.nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+                  loss_fn) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """First-order Taylor importance on the task loss (LLM-Pruner, Ma et al. 2023, arXiv 2305.11627):
+    ``I(group) = |Σ_{w ∈ group} (∂L/∂w) · w|``, the first-order estimate of the loss change when the group is
+    removed. Groups: head h = its q_proj rows and o_proj columns; neuron i = gate row i, up row i, down column i.
+
+    Args:
+        model: the causal LM (its parameters get gradients; they are cleared again on return).
+        batches: ``(input_ids, attention_mask, labels)`` calibration batches.
+        loss_fn: ``(model, input_ids, attention_mask, labels) → scalar loss`` (summed over the batch), e.g. the
+            ranker's BCE on the verbalizer score.
+
+    Returns:
+        tuple[torch.Tensor, torch.Tensor]: heads (L, n_heads) and neurons (L, intermediate), float32.
+    """
+    params = list(model.parameters())
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(True)
+        p.grad = None
+    was_training = model.training
+    model.eval()  # no dropout: the gradient of the deployed function
+    try:
+        for ids, mask, labels in batches:
+            loss_fn(model, ids, mask, labels).backward()
+        heads, neurons = [], []
+        for layer in decoder_layers(model):
+            attn, mlp = layer.self_attn, layer.mlp
+            n, _, hd = attention_widths(attn)
+            qg = (attn.q_proj.weight.grad * attn.q_proj.weight).detach().float().reshape(n, hd, -1).sum((1, 2))
+            og = (attn.o_proj.weight.grad * attn.o_proj.weight).detach().float().reshape(-1, n, hd).sum((0, 2))
+            heads.append((qg + og).abs())
+            gate = (mlp.gate_proj.weight.grad * mlp.gate_proj.weight).detach().float().sum(1)
+            up = (mlp.up_proj.weight.grad * mlp.up_proj.weight).detach().float().sum(1)
+            down = (mlp.down_proj.weight.grad * mlp.down_proj.weight).detach().float().sum(0)
+            neurons.append((gate + up + down).abs())
+        return torch.stack(heads), torch.stack(neurons)
+    finally:
+        for p, flag in zip(params, flags, strict=True):
+            p.grad = None
+            p.requires_grad_(flag)
+        model.train(was_training)

@@ -1,18 +1,21 @@
 """``recsys-slm prune``: one-shot uniform structured pruning of a ranker (stage 2) with a before/after report.
 
-Importance (``method``): ``magnitude`` or ``activation`` (Minitron) from :mod:`recsys_slm.prune.importance`;
+Importance (``method``): ``magnitude``, ``activation`` (Minitron) or ``taylor`` (first-order, on the ranker's BCE
+over the calibration records' labels) from :mod:`recsys_slm.prune.importance`; depth: ``layers_keep`` < 1 first
+removes the blocks with the lowest Block Influence (ShortGPT);
 calibration prompts are the task's own (``calibration_records`` pointwise train records rendered with the model's
 prompt). Every layer keeps the same number of query heads (``heads_keep``; GQA-valid, ``head_mode``) and MLP
 neurons (``neurons_keep``), so the output is a stock ``from_pretrained`` directory. Measured in the same run:
 non-embedding parameters, forward latency on the calibration prompts (before/after), and, with ``eval_records``
 > 0, validation AUC before and after pruning (no retraining).
 
-Not built yet (issue [prune]): Taylor, Block-Influence layer removal through this command, OSSCAR refit, SVD /
+Not built yet (issue [prune]): OSSCAR refit, SVD /
 Compress-to-Impress, non-uniform widths as a registered model type, BERT-style encoders.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +39,8 @@ class PruneConfig:
         out (Path | None): output directory (required).
         data_dir (Path | None): prepared data (calibration and validation prompts).
         prompt (PromptConfig): default: the prompt in the model's manifest.
-        method (str): magnitude | activation. Default "activation".
+        method (str): magnitude | activation | taylor. Default "activation".
+        layers_keep (float): share of decoder blocks kept (the highest Block Influence), rounded up. Default 1.
         heads_keep (float): share of query heads kept per layer, rounded to a GQA-valid count. Default 0.5.
         head_mode (str): kv_groups | query_heads (see ``uniform_head_plan``). Default "query_heads".
         neurons_keep (float): share of MLP neurons kept per layer. Default 0.5.
@@ -51,7 +55,8 @@ class PruneConfig:
     out: Path | None = None
     data_dir: Path | None = None
     prompt: PromptConfig = field(default_factory=PromptConfig)
-    method: Literal["magnitude", "activation"] = "activation"
+    method: Literal["magnitude", "activation", "taylor"] = "activation"
+    layers_keep: float = 1.0
     heads_keep: float = 0.5
     head_mode: Literal["kv_groups", "query_heads"] = "query_heads"
     neurons_keep: float = 0.5
@@ -66,7 +71,7 @@ class PruneConfig:
         check(bool(self.model.strip()), "model", "must name the model directory to prune")
         self.model = expand_model_spec(self.model)
         check(self.out is not None, "out", "must name the output directory")
-        for key in ("heads_keep", "neurons_keep"):
+        for key in ("heads_keep", "neurons_keep", "layers_keep"):
             check(0 < getattr(self, key) <= 1, key, f"must be in (0, 1], got {getattr(self, key)}")
         check(self.calibration_records > 0, "calibration_records", f"must be > 0, got {self.calibration_records}")
         check(self.eval_records >= 0, "eval_records", f"must be >= 0, got {self.eval_records}")
@@ -93,6 +98,26 @@ def _auc(scorer, records) -> float:
     return float(roc_auc_score(records.labels, (logits[:, 0] - logits[:, 1]).numpy()))
 
 
+def _label_batches(calib: list[list[int]], frame, ranker, cfg: PruneConfig, device):
+    """Calibration records as ``(input_ids, attention_mask, labels)`` batches for Taylor importance."""
+    from recsys_slm.ranker.batching import collate
+
+    labels = torch.as_tensor(frame["label"].to_numpy(dtype="float32"))
+    for start in range(0, len(calib), cfg.batch_size):
+        ids, mask = collate(calib[start : start + cfg.batch_size], ranker.scorer.pad_id)
+        yield ids.to(device), mask.to(device), labels[start : start + cfg.batch_size].to(device)
+
+
+def _verbalizer_bce(scorer):
+    """The ranker's task loss: summed BCE of ``logit_yes − logit_no`` at the answer position (two head rows only)."""
+
+    def loss(model, ids, mask, labels):
+        logits = scorer.verbalizer_logits(scorer.last_hidden(ids, mask))
+        return torch.nn.functional.binary_cross_entropy_with_logits(logits[:, 0] - logits[:, 1], labels, reduction="sum")
+
+    return loss
+
+
 def prune(cfg: PruneConfig) -> dict[str, Any]:
     """Prune ``cfg.model`` uniformly and write ``cfg.out`` (weights, tokenizer, ``recsys_slm.json``)."""
     import pandas as pd
@@ -108,6 +133,7 @@ def prune(cfg: PruneConfig) -> dict[str, Any]:
     from recsys_slm.prune.importance import (
         activation_scores,
         magnitude_scores,
+        taylor_scores,
         uniform_head_plan,
         uniform_neuron_plan,
     )
@@ -142,11 +168,22 @@ def prune(cfg: PruneConfig) -> dict[str, Any]:
         before["s_per_prompt"] = _latency(ranker.scorer, calib)
         if val is not None:
             before["val_auc"] = _auc(ranker.scorer, val)
+    removed_layers: list[int] = []
+    if cfg.layers_keep < 1:
+        from recsys_slm.distill.student import block_influence, keep_layers, select_layers
+
+        total = len(decoder_layers(model))
+        bi = block_influence(model, calib, ranker.scorer.pad_id, cfg.batch_size)
+        kept = select_layers(total, max(1, math.ceil(cfg.layers_keep * total)), "block_influence", bi)
+        removed_layers = sorted(set(range(total)) - set(kept))
+        keep_layers(model, kept)
     if cfg.method == "magnitude":
         head_scores, neuron_scores = magnitude_scores(model)
+    elif cfg.method == "activation":
+        head_scores, neuron_scores = activation_scores(model, calib, ranker.scorer.pad_id, cfg.batch_size)
     else:
-        pad = ranker.scorer.pad_id
-        head_scores, neuron_scores = activation_scores(model, calib, pad, cfg.batch_size)
+        head_scores, neuron_scores = taylor_scores(model, _label_batches(calib, calib_frame, ranker, cfg, device),
+                                                   _verbalizer_bce(ranker.scorer))  # fmt: skip
     heads, kv, _ = attention_widths(decoder_layers(model)[0].self_attn)
     unit = heads // kv if cfg.head_mode == "kv_groups" else kv
     keep_heads = min(heads, _keep_count(heads, cfg.heads_keep, unit))
@@ -169,6 +206,7 @@ def prune(cfg: PruneConfig) -> dict[str, Any]:
         "non_embedding_param_ratio": round(after["non_embedding_params"] / before["non_embedding_params"], 4),
         "forward_speedup": round(before["s_per_prompt"] / after["s_per_prompt"], 3),
         "kept_heads": head_plan,
+        "removed_layers": removed_layers,
         "kept_neurons_per_layer": keep_neurons,
         "calibration_records": len(calib),
         "val_records": len(val) if val is not None else 0,

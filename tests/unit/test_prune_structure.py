@@ -172,7 +172,7 @@ def test_uniform_plans_are_gqa_valid():
 
 
 # ------------------------------------------------------------------------------------------------ command
-@pytest.mark.parametrize("method", ["magnitude", "activation"])
+@pytest.mark.parametrize("method", ["magnitude", "activation", "taylor"])
 def test_prune_command_writes_a_stock_model_with_report(tmp_path, tiny_data_dir, method, capsys):
     from recsys_slm.cli import main
     from recsys_slm.model_dir import read_manifest
@@ -190,3 +190,41 @@ def test_prune_command_writes_a_stock_model_with_report(tmp_path, tiny_data_dir,
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "p")
     assert reloaded.config.num_attention_heads == 2 and reloaded.config.intermediate_size == 32
     assert main(["prune", "--model", str(src), "--out", str(tmp_path / "q"), "heads_keep=0"]) == 2
+
+
+def test_taylor_scores_equal_gradient_times_weight_per_group(lm_dir):
+    """|Σ g·w| over each group, with g from an independent autograd call; gradients are cleared afterwards."""
+    from recsys_slm.prune.importance import taylor_scores
+
+    model = _load(lm_dir)
+    ids, mask, labels = IDS, torch.ones_like(IDS), torch.tensor([1.0, 0.0])
+
+    def loss_fn(m, i, a, y):
+        logits = m(i, attention_mask=a).logits[:, -1]
+        return torch.nn.functional.binary_cross_entropy_with_logits(logits[:, 10] - logits[:, 11], y, reduction="sum")
+
+    heads, neurons = taylor_scores(model, [(ids, mask, labels)], loss_fn)
+    mlp = model.model.layers[1].mlp
+    weights = [mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight]
+    grads = torch.autograd.grad(loss_fn(model, ids, mask, labels), weights)
+    ref = (grads[0][5] * weights[0][5]).sum() + (grads[1][5] * weights[1][5]).sum() + (grads[2][:, 5] * weights[2][:, 5]).sum()
+    assert neurons[1, 5].item() == pytest.approx(abs(ref.item()), rel=1e-4)
+    attn = model.model.layers[0].self_attn
+    gq, go = torch.autograd.grad(loss_fn(model, ids, mask, labels), [attn.q_proj.weight, attn.o_proj.weight])
+    ref_h = (gq[16:32] * attn.q_proj.weight[16:32]).sum() + (go[:, 16:32] * attn.o_proj.weight[:, 16:32]).sum()
+    assert heads[0, 1].item() == pytest.approx(abs(ref_h.item()), rel=1e-4)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_prune_command_removes_lowest_block_influence_layers(tmp_path, tiny_data_dir):
+    from recsys_slm.config import from_dict
+    from recsys_slm.prune.pruner import PruneConfig, prune
+
+    src = build_tiny_causal_lm(tmp_path / "src", seed=2, num_layers=4)
+    cfg = from_dict(PruneConfig, {"model": str(src), "out": tmp_path / "p", "data_dir": tiny_data_dir,
+                                  "prompt": {"system": "Recommender.", "instruction": "Like it?", "max_tokens": 400},
+                                  "layers_keep": 0.5, "heads_keep": 1.0, "neurons_keep": 1.0, "method": "magnitude",
+                                  "calibration_records": 8, "eval_records": 0, "device": "cpu"})  # fmt: skip
+    summary = prune(cfg)
+    assert len(summary["removed_layers"]) == 2
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "p").config.num_hidden_layers == 2
