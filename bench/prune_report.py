@@ -37,15 +37,16 @@ def main(argv: list[str] | None = None) -> int:
             "widths_before": m["before"]["widths"], "widths_after": m["after"]["widths"],
             "val_auc_before": m["before"].get("val_auc"), "val_auc_after": m["after"].get("val_auc"),
             "val_records": m["val_records"], "forward_speedup": m["forward_speedup"],
+            "removed_layers": m.get("removed_layers", []),
             "s_per_prompt_before": m["before"]["s_per_prompt"], "s_per_prompt_after": m["after"]["s_per_prompt"],
             "device": m["device"], "config": manifest["config"], "code_version": manifest.get("code_version"),
         })  # fmt: skip
     Path(args.out).mkdir(parents=True, exist_ok=True)
     write_json_atomic(Path(args.out) / "report.json", {"runs": rows})
-    print("| method | non-emb. params before → after | ratio | val AUC before → after | forward speedup |")
-    print("|---|---|---|---|---|")
+    print("| run | width importance | layers removed | non-emb. params before → after | ratio | val AUC before → after | forward speedup |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['method']} | {r['non_embedding_params_before'] / 1e6:.1f}M → {r['non_embedding_params_after'] / 1e6:.1f}M "
+        print(f"| {r['name']} | {r['method']} | {len(r['removed_layers'])} | {r['non_embedding_params_before'] / 1e6:.1f}M → {r['non_embedding_params_after'] / 1e6:.1f}M "
               f"| {r['non_embedding_param_ratio']:.1%} | {r['val_auc_before']:.4f} → {r['val_auc_after']:.4f} "
               f"| {r['forward_speedup']:.2f}× |")
     return 0
