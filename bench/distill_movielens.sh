@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every MovieLens-100K distillation run reported in docs/BENCHMARKS.md, then the report in
-# docs/results/distill_movielens/. CPU: ≈ 3 h in all on 2 cores (scoring 8,000 prompts ≈ 35 min, each 250-step
-# student ≈ 15 min, the Qwen teacher ≈ 25 min, scoring 2,000 prompts with it ≈ 25 min); a GPU takes minutes.
+# docs/results/distill_movielens/. Measured on 2 CPU cores: scoring 8,000 prompts 2,134 s, each 250-step student
+# ≈ 18 min with its validations and test pass; the Qwen steps (teacher ≈ 25 s/step on a shared CPU, its cache)
+# are not measured end to end yet.
 #
 #   bash bench/distill_movielens.sh TEACHER_DIR [RUNS_DIR]
 #

@@ -209,14 +209,13 @@ def distill(cfg: DistillConfig, stop_after_step: int | None = None) -> dict[str,
     from recsys_slm.ranker.batching import collate, encode_records
     from recsys_slm.ranker.ranker import Ranker, RankerConfig
     from recsys_slm.ranker.train import (
-        _Run,
         check_val_labels,
         evaluate,
         load_val_frame,
         run_stats,
         save_model_dir,
     )
-    from recsys_slm.training.loop import autocast_dtype
+    from recsys_slm.training.loop import autocast_context, autocast_dtype
 
     out = cfg.resolved_out().expanduser().resolve()
     work = work_dir(out)
@@ -298,7 +297,10 @@ def distill(cfg: DistillConfig, stop_after_step: int | None = None) -> dict[str,
         val = encode_records(val_frame, renderer, ranker.encode)
         check_val_labels(val)
     dtype = autocast_dtype(cfg, device)
-    run = _Run(model, model, tokenizer, ranker.scorer, None, val, device, dtype)
+
+    def autocast():
+        return autocast_context(device, dtype)
+
     scorer = ranker.scorer
     head = model.get_output_embeddings()
     needs_full = cfg.objective.loss in TOKEN_LOSSES
@@ -377,13 +379,13 @@ def distill(cfg: DistillConfig, stop_after_step: int | None = None) -> dict[str,
         lengths=lengths,
         fingerprint=_fingerprint(sequences, targets),
         micro_loss=micro_loss,
-        evaluate=(lambda: evaluate(scorer, val, run.autocast())) if val is not None else None,
-        autocast=run.autocast,
+        evaluate=(lambda: evaluate(scorer, val, autocast())) if val is not None else None,
+        autocast=autocast,
     )
     run_facts = {"config": config_to_dict(cfg), "data_fingerprint": task.fingerprint}
     result = run_loop(cfg, task, work, run_facts, desc="distill", stop_after_step=stop_after_step)
     load_best(model, work, result.state)
-    test_metrics = _test_eval(cfg, data_dir, renderer, ranker, run) if cfg.test_eval else {}
+    test_metrics = _test_eval(data_dir, renderer, ranker, autocast()) if cfg.test_eval else {}
     state = result.state
     counts = targets.frame["source"].value_counts().to_dict()
     metrics = {
@@ -460,14 +462,14 @@ def _fingerprint(sequences: list[list[int]], targets: _Targets) -> str:
     return digest.hexdigest()[:16]
 
 
-def _test_eval(cfg: DistillConfig, data_dir: Path, renderer, ranker, run) -> dict[str, float]:
+def _test_eval(data_dir: Path, renderer, ranker, autocast) -> dict[str, float]:
     """AUC and log loss of the best weights on the pointwise test split (all records)."""
     from recsys_slm.ranker.batching import encode_records
     from recsys_slm.ranker.train import evaluate
 
     test = pd.read_parquet(Path(data_dir) / "tasks" / "pointwise" / "test.parquet")
     records = encode_records(test, renderer, ranker.encode)
-    result = evaluate(ranker.scorer, records, run.autocast())
+    result = evaluate(ranker.scorer, records, autocast)
     return {"test_auc": result["val_auc"], "test_logloss": result["val_logloss"], "test_records": len(records)}
 
 

@@ -45,6 +45,7 @@ from recsys_slm.ranker.verbalizer import VerbalizerScorer
 from recsys_slm.training.loop import (
     LoopConfig,
     LoopTask,
+    autocast_context,
     autocast_dtype,
     copy_metrics,
     load_best,
@@ -251,9 +252,7 @@ class _Run:
     excluded_candidate_targets: int = 0  # train records dropped because they are held-out candidate targets
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+        return autocast_context(self.device, self.autocast_dtype)
 
 
 def load_val_frame(data_dir: Path, cfg: LoopConfig):

@@ -146,6 +146,13 @@ def autocast_dtype(cfg: LoopConfig, device: torch.device) -> torch.dtype | None:
     return None
 
 
+def autocast_context(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` to ``dtype`` on ``device``, or a no-op context for plain fp32 (dtype None)."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
 def work_dir(out: Path) -> Path:
     """``<out>.work``: checkpoint, best weights and running metrics of an unfinished run."""
     return out.parent / f"{out.name}.work"
