@@ -139,6 +139,7 @@ def prune(cfg: PruneConfig) -> dict[str, Any]:
     )
     from recsys_slm.prune.structure import (
         attention_widths,
+        check_supported,
         layer_widths,
         non_embedding_params,
         prune_attention_heads,
@@ -154,6 +155,7 @@ def prune(cfg: PruneConfig) -> dict[str, Any]:
     prompt, _ = resolve_prompt(cfg.prompt, manifest)
     model, tokenizer = load_causal_lm(cfg.model, device=device, dtype=torch.float32)
     model.eval()
+    check_supported(model)
     log = InteractionLog.load(data_dir)
     ranker = Ranker(model, tokenizer, PromptRenderer(prompt, tokenizer, log.items, log.users),
                     RankerConfig(cfg.batch_size, False, prompt))  # fmt: skip

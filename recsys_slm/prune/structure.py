@@ -56,6 +56,21 @@ def attention_widths(attn: nn.Module) -> tuple[int, int, int]:
     return attn.q_proj.out_features // head_dim, attn.k_proj.out_features // head_dim, head_dim
 
 
+def check_supported(model: nn.Module) -> None:
+    """Raise ValueError naming the architecture unless every layer has Llama-style attention and a gated MLP."""
+    for i, layer in enumerate(decoder_layers(model)):
+        attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+        missing = [name for name, ok in (
+            ("self_attn.q_proj/k_proj/v_proj/o_proj", attn is not None and all(hasattr(attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj"))),
+            ("mlp.gate_proj/up_proj/down_proj", mlp is not None and all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj"))),
+        ) if not ok]  # fmt: skip
+        if missing:
+            raise ValueError(
+                f"{type(model).__name__} is not supported by the pruning operators: layer {i} has no "
+                f"{' and no '.join(missing)} (Llama, SmolLM2, Qwen2 and Mistral are)"
+            )
+
+
 def layer_widths(model: nn.Module) -> list[LayerWidths]:
     """Per decoder layer widths (from the tensors, not the config)."""
     out = []

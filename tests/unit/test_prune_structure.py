@@ -228,3 +228,12 @@ def test_prune_command_removes_lowest_block_influence_layers(tmp_path, tiny_data
     summary = prune(cfg)
     assert len(summary["removed_layers"]) == 2
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "p").config.num_hidden_layers == 2
+
+
+def test_unsupported_architecture_gets_a_clear_error(tmp_path, tiny_data_dir, capsys):
+    from recsys_slm.cli import main
+
+    src = build_tiny_causal_lm(tmp_path / "gpt2", arch="gpt2")
+    rc = main(["prune", "--model", str(src), "--out", str(tmp_path / "p"), f"data_dir={tiny_data_dir}", "device=cpu"])
+    assert rc == 1 and not (tmp_path / "p").exists()
+    assert "GPT2LMHeadModel is not supported by the pruning operators: layer 0" in capsys.readouterr().err
