@@ -14,8 +14,6 @@ Writes ``OUT/report.json`` and ``OUT/summary.md``.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import time
 from pathlib import Path
 
@@ -25,16 +23,9 @@ import torch
 
 
 def _machine() -> dict:
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"cpu": cpu, "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(), "gpu": gpu}
+    from recsys_slm.device import machine_info
+
+    return machine_info()
 
 
 def _run_entry(name: str, path: Path) -> dict:

@@ -28,9 +28,11 @@ def main(argv: list[str] | None = None) -> int:
         manifest = read_manifest(path)
         if manifest is None or manifest.get("stage") != "prune":
             raise SystemExit(f"{path}: not a `recsys-slm prune` output")
-        m = manifest["metrics"]
+        m, c = manifest["metrics"], manifest["config"]
+        low_rank = (c.get("low_rank") or {}).get("method", "none")
         rows.append({
-            "name": name, "dir": path, "method": m["method"],
+            "name": name, "dir": path, "method": m["method"], "low_rank": low_rank,
+            "uniform": c.get("uniform", True), "model_type": m.get("model_type", "llama"),
             "non_embedding_params_before": m["before"]["non_embedding_params"],
             "non_embedding_params_after": m["after"]["non_embedding_params"],
             "non_embedding_param_ratio": m["non_embedding_param_ratio"],
@@ -43,10 +45,10 @@ def main(argv: list[str] | None = None) -> int:
         })  # fmt: skip
     Path(args.out).mkdir(parents=True, exist_ok=True)
     write_json_atomic(Path(args.out) / "report.json", {"runs": rows})
-    print("| run | width importance | layers removed | non-emb. params before → after | ratio | val AUC before → after | forward speedup |")
-    print("|---|---|---|---|---|---|---|")
+    print("| run | width importance | low-rank | uniform | layers removed | non-emb. params before → after | ratio | val AUC before → after | forward speedup |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['name']} | {r['method']} | {len(r['removed_layers'])} | {r['non_embedding_params_before'] / 1e6:.1f}M → {r['non_embedding_params_after'] / 1e6:.1f}M "
+        print(f"| {r['name']} | {r['method']} | {r['low_rank']} | {r['uniform']} | {len(r['removed_layers'])} | {r['non_embedding_params_before'] / 1e6:.1f}M → {r['non_embedding_params_after'] / 1e6:.1f}M "
               f"| {r['non_embedding_param_ratio']:.1%} | {r['val_auc_before']:.4f} → {r['val_auc_after']:.4f} "
               f"| {r['forward_speedup']:.2f}× |")
     return 0

@@ -75,3 +75,22 @@ def resolve_dtype(
         return _DTYPE_NAMES[dtype.strip().lower().removeprefix("torch.")]
     except KeyError:
         raise ValueError(f"unknown dtype {dtype!r}; accepted: auto, {', '.join(_DTYPE_NAMES)}") from None
+
+
+def machine_info() -> dict:
+    """CPU model, CPU count, torch threads, GPU name and torch version of this process's machine (for reports)."""
+    import os
+    import platform
+    from pathlib import Path
+
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu": cpu, "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "gpu": gpu,
+            "torch": torch.__version__}  # fmt: skip

@@ -10,11 +10,13 @@ import argparse
 import sys
 
 from recsys_slm import __version__
+from recsys_slm.cli import compress as compress_cmd
 from recsys_slm.cli import data as data_cmd
 from recsys_slm.cli import distill as distill_cmd
 from recsys_slm.cli import eval as eval_cmd
 from recsys_slm.cli import models as models_cmd
 from recsys_slm.cli import prune as prune_cmd
+from recsys_slm.cli import retriever as retriever_cmd
 from recsys_slm.cli import teacher as teacher_cmd
 from recsys_slm.cli.common import run_guarded
 
@@ -32,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     eval_cmd.register(sub)
     distill_cmd.register(sub)
     prune_cmd.register(sub)
+    retriever_cmd.register(sub)
+    __import__("recsys_slm.serving.cli", fromlist=["register"]).register(sub)  # recsys-slm serve
+    compress_cmd.register(sub)
     return parser
 
 

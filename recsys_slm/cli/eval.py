@@ -7,6 +7,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+from recsys_slm.cli import retriever as retriever_cmd
 from recsys_slm.cli.common import add_config_args
 
 
@@ -35,6 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     add_config_args(rk, "max_records=500 batch_size=32")
     rk.set_defaults(func=run_ranker)
+    retriever_cmd.register_eval(esub)  # recsys-slm eval retrieval (recsys_slm/cli/retriever.py)
 
 
 def _flag_values(args: argparse.Namespace) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""``recsys-slm prune``: one-shot uniform structured pruning of a ranker (heads and MLP neurons)."""
+"""``recsys-slm prune``: one-shot structured pruning of a ranker (layers, heads, MLP neurons, low-rank factors)."""
 
 from __future__ import annotations
 
@@ -31,5 +31,14 @@ def run_prune(args: argparse.Namespace) -> int:
     print(f"pruned ({summary['method']}) -> {summary['out']}")
     print(f"  non-embedding params {before['non_embedding_params']:,} -> {after['non_embedding_params']:,} "
           f"({summary['non_embedding_param_ratio']:.2%}), forward {summary['forward_speedup']:.2f}x faster{auc}")
-    print(f"  widths {json.dumps(before['widths'])} -> {json.dumps(after['widths'])}")
+    print(f"  widths {_widths(before['widths'])} -> {_widths(after['widths'])}")
     return 0
+
+
+def _widths(per_layer: list[dict]) -> str:
+    """One line: the common widths, or each distinct width with its layer count (non-uniform plans)."""
+    distinct = {json.dumps(w, sort_keys=True) for w in per_layer}
+    if len(distinct) == 1:
+        return f"{len(per_layer)} x {distinct.pop()}"
+    counts = {w: sum(json.dumps(x, sort_keys=True) == w for x in per_layer) for w in sorted(distinct)}
+    return "; ".join(f"{n} x {w}" for w, n in counts.items())

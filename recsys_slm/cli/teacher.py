@@ -31,6 +31,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     score.add_argument("--model", default=None, help="teacher model directory (overrides the config's model)")
     score.add_argument("--task", default=None, help="task / transfer-set parquet (overrides the config's task)")
     score.add_argument("--out", default=None, help="output parquet (overrides the config's out)")
+    score.add_argument("--backend", default=None, choices=["local", "ray"],
+                       help="local (one process, default) or ray (an actor pool; ray.* keys, docs/ray.md)")  # fmt: skip
     add_config_args(score, "top_k=20 batch_size=16")
     score.set_defaults(func=run_score)
 
@@ -46,11 +48,18 @@ def run_train(args: argparse.Namespace) -> int:
 def run_score(args: argparse.Namespace) -> int:
     import json
 
-    from recsys_slm.config import load_config
     from recsys_slm.distill.teacher_cache import TeacherScoreConfig, score_task
+    from recsys_slm.distributed.config import load_with_backend
 
-    overrides = with_flags(args.overrides, model=args.model, task=args.task, out=args.out)
-    summary = score_task(load_config(TeacherScoreConfig, args.config, overrides))
+    flags = {"model": args.model, "task": args.task, "out": args.out, "backend": args.backend}
+    overrides = with_flags(args.overrides, **flags)
+    cfg, ray_cfg = load_with_backend(TeacherScoreConfig, args.config, overrides)
+    if ray_cfg is None:
+        summary = score_task(cfg)
+    else:  # backend=ray: output shards scored by a Ray actor pool, same cache format
+        from recsys_slm.distributed.score import score_task_ray
+
+        summary = score_task_ray(cfg, ray_cfg)
     auc = summary.get("teacher_auc_labelled")
     print(f"teacher scores -> {summary['out']}")
     print(

@@ -30,7 +30,15 @@ from recsys_slm.distill.objective import TOKEN_LOSSES, ObjectiveConfig, RankerOb
 from recsys_slm.distill.on_policy import OnPolicyConfig
 from recsys_slm.distill.student import StudentConfig
 from recsys_slm.model_dir import cache_home
-from recsys_slm.training.loop import LoopConfig, LoopTask, load_best, run_loop, seed_everything, work_dir
+from recsys_slm.training.loop import (
+    LoopConfig,
+    LoopHooks,
+    LoopTask,
+    load_best,
+    run_loop,
+    seed_everything,
+    work_dir,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -187,15 +195,19 @@ def _freeze_embeddings(model: torch.nn.Module) -> None:
             p.requires_grad_(False)
 
 
-def distill(cfg: DistillConfig, stop_after_step: int | None = None) -> dict[str, Any]:
+def distill(
+    cfg: DistillConfig, stop_after_step: int | None = None, hooks: LoopHooks | None = None
+) -> dict[str, Any]:
     """Train the student and write it to ``cfg.resolved_out()`` (see the module docstring).
 
     Args:
         cfg (DistillConfig): the resolved config.
         stop_after_step (int | None): test hook simulating a kill after this optimizer step.
+        hooks (LoopHooks | None): data-parallel seams (one process per rank, see
+            :mod:`recsys_slm.distributed.train`); None = single process.
 
     Returns:
-        dict: the manifest metrics plus ``out``.
+        dict: the manifest metrics plus ``out`` (a non-main rank returns only ``steps`` and ``planned_steps``).
 
     Raises:
         ConfigError: a key only the models or the cache can reject (token_kd across tokenizers, ...).
@@ -218,7 +230,7 @@ def distill(cfg: DistillConfig, stop_after_step: int | None = None) -> dict[str,
     from recsys_slm.training.loop import autocast_context, autocast_dtype
 
     out = cfg.resolved_out().expanduser().resolve()
-    work = work_dir(out)
+    work = hooks.work if hooks is not None and hooks.work is not None else work_dir(out)
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
     data_dir = cfg.resolved_data_dir()
@@ -383,7 +395,9 @@ def distill(cfg: DistillConfig, stop_after_step: int | None = None) -> dict[str,
         autocast=autocast,
     )
     run_facts = {"config": config_to_dict(cfg), "data_fingerprint": task.fingerprint}
-    result = run_loop(cfg, task, work, run_facts, desc="distill", stop_after_step=stop_after_step)
+    result = run_loop(cfg, task, work, run_facts, desc="distill", stop_after_step=stop_after_step, hooks=hooks)
+    if hooks is not None and not hooks.is_main:
+        return {"steps": result.state.step, "planned_steps": result.total}
     load_best(model, work, result.state)
     test_metrics = _test_eval(data_dir, renderer, ranker, autocast()) if cfg.test_eval else {}
     state = result.state
@@ -414,7 +428,9 @@ def distill(cfg: DistillConfig, stop_after_step: int | None = None) -> dict[str,
             "objective": config_to_dict(cfg.objective),
         }
     }
-    save_model_dir(out, model, tokenizer, work, STAGE, config_to_dict(cfg), str(cfg.teacher), metrics, extra)
+    config = config_to_dict(cfg)
+    config["prompt"] = config_to_dict(prompt)  # the prompt actually trained with (maybe the cache's), so evals reuse it
+    save_model_dir(out, model, tokenizer, work, STAGE, config, str(cfg.teacher), metrics, extra)
     if not cfg.keep_checkpoints:
         shutil.rmtree(work, ignore_errors=True)
     return {**metrics, "out": str(out)}

@@ -140,6 +140,8 @@ def load_causal_lm(
     """
     from transformers import AutoModelForCausalLM
 
+    import recsys_slm.models.compressed  # noqa: F401  (registers the non-uniform / low-rank model types)
+
     resolved = resolve_model_path(spec)
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)

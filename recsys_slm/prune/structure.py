@@ -71,6 +71,20 @@ def check_supported(model: nn.Module) -> None:
             )
 
 
+def check_prunable(model: nn.Module) -> None:
+    """:func:`check_supported`, plus: no low-rank factors and uniform widths (what width pruning starts from)."""
+    check_supported(model)
+    for i, layer in enumerate(decoder_layers(model)):
+        factored = [n for n, m in layer.named_modules() if type(m).__name__ == "LowRankLinear"]
+        if factored:
+            raise ValueError(f"layer {i} has low-rank factored projections ({', '.join(factored)}): prune widths "
+                             "before factoring, or uniformize the model first")  # fmt: skip
+    widths = {(w.heads, w.kv_heads, w.intermediate) for w in layer_widths(model)}
+    if len(widths) > 1:
+        raise ValueError(f"the layers have different widths {sorted(widths)} (heads, kv heads, neurons): pruning "
+                         "starts from uniform widths; uniformize the model first")  # fmt: skip
+
+
 def layer_widths(model: nn.Module) -> list[LayerWidths]:
     """Per decoder layer widths (from the tensors, not the config)."""
     out = []
@@ -157,6 +171,11 @@ def sync_config(model: nn.Module) -> LayerWidths:
         raise ValueError(f"layers have different widths, which a stock config cannot express: {by}")
     w = distinct[0]
     cfg = model.config
+    hidden = getattr(cfg, "hidden_size", None)
+    if hidden is not None and hidden % w.heads:
+        ok = [k for k in range(w.kv_heads, hidden + 1, w.kv_heads) if hidden % k == 0 and k <= 4 * w.heads]
+        raise ValueError(f"{w.heads} query heads: stock configs need hidden_size ({hidden}) divisible by "
+                         f"num_attention_heads; keep one of {ok} per layer, or save as the registered compressed type")  # fmt: skip
     cfg.num_attention_heads = w.heads
     cfg.num_key_value_heads = w.kv_heads
     cfg.head_dim = w.head_dim

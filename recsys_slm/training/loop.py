@@ -203,6 +203,37 @@ class LoopTask:
     eval_keys: tuple[str, ...] = ("val_auc", "val_logloss")
 
 
+class LoopHooks:
+    """Seams for running :func:`run_loop` data-parallel, one process per rank (Ray Train: see
+    :mod:`recsys_slm.distributed.train`). Every default is the single-process behaviour.
+
+    Attributes:
+        work (Path | None): this process's work directory (None = the caller's ``<out>.work``).
+        is_main (bool): only the main process writes the final model.
+    """
+
+    work: Path | None = None
+    is_main: bool = True
+
+    def start(self, model: torch.nn.Module) -> None:
+        """Called once before the first step, after any resume (e.g. broadcast the main process's weights)."""
+
+    def shard(self, batch: np.ndarray) -> np.ndarray:
+        """This process's records of a global micro-batch (the loop divides by the global record count)."""
+        return batch
+
+    def sync(self, params: list[torch.nn.Parameter], loss: float, extra: dict) -> tuple[float, dict]:
+        """After a step's backward passes, before clipping: combine gradients and logged sums across processes."""
+        return loss, extra
+
+    def evaluate(self, fn: Callable[[], dict[str, float]]) -> dict[str, float]:
+        """Run validation; every process must get the same result."""
+        return fn()
+
+    def checkpointed(self, work: Path, state: TrainState) -> None:
+        """Called after each resumable checkpoint has been written to ``work``."""
+
+
 @dataclass
 class LoopResult:
     """Outcome of :func:`run_loop`: the final state, planned steps, early-stop flag, last validation."""
@@ -286,6 +317,7 @@ def run_loop(
     run_facts: dict[str, Any],
     desc: str = "train",
     stop_after_step: int | None = None,
+    hooks: LoopHooks | None = None,
 ) -> LoopResult:
     """Train ``task.model`` (see the module docstring).
 
@@ -298,12 +330,14 @@ def run_loop(
         desc (str): progress-bar label.
         stop_after_step (int | None): test hook simulating a kill: raise ``KeyboardInterrupt`` right after this
             optimizer step (and after its checkpoint, if one was due).
+        hooks (LoopHooks | None): data-parallel seams; None = single process.
 
     Raises:
         ValueError: a checkpoint from another config or data set is in the way (see ``resume``).
     """
     from tqdm.auto import tqdm
 
+    hooks = hooks or LoopHooks()
     optimizer = build_optimizer(task.model, cfg)
     lengths = task.lengths
     batches_per_epoch = math.ceil(len(lengths) / cfg.batch_size)
@@ -332,6 +366,7 @@ def run_loop(
     window_extra: dict[str, list[float]] = {}
     last_eval: dict[str, float] = {}
     stopped_early = False
+    hooks.start(task.model)
     bar = tqdm(total=total, initial=state.step, desc=desc, unit="step", disable=not cfg.progress)
     try:
         while state.step < total:
@@ -344,12 +379,16 @@ def run_loop(
             optimizer.zero_grad(set_to_none=True)
             step_loss, step_extra = 0.0, {}
             for batch in batches:
+                batch = hooks.shard(batch)
+                if len(batch) == 0:
+                    continue  # this rank holds none of the micro-batch; it still joins hooks.sync
                 with task.autocast():
                     loss_sum, extra = task.micro_loss(batch)
                 (loss_sum / n_records).backward()
                 step_loss += float(loss_sum.detach())
                 for key, value in extra.items():
                     step_extra[key] = step_extra.get(key, 0.0) + float(value)
+            step_loss, step_extra = hooks.sync(trainable, step_loss, step_extra)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm))
             optimizer.step()
             state.step += 1
@@ -363,7 +402,7 @@ def run_loop(
                 state.step % cfg.eval_every == 0 or state.step == total
             )
             if evaluated:
-                last_eval = task.evaluate()
+                last_eval = hooks.evaluate(task.evaluate)
                 if state.best_val_auc is None or last_eval["val_auc"] > state.best_val_auc:
                     state.best_val_auc, state.best_step, state.evals_since_best = (
                         last_eval["val_auc"],
@@ -407,6 +446,7 @@ def run_loop(
             ):
                 save_checkpoint(work / CHECKPOINT_DIR, task.model, optimizer, state, run_facts)
                 _prune_best(work, {state.best_step})
+                hooks.checkpointed(work, state)
             if stop_after_step is not None and state.step == stop_after_step:
                 raise KeyboardInterrupt(f"stop_after_step={stop_after_step} (test hook)")
             if stopped_early:

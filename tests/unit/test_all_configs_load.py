@@ -13,6 +13,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def _config_classes():
     from pipelines.quickstart import QuickstartConfig
+    from recsys_slm.compress.config import CompressConfig
     from recsys_slm.data.prepare import DataPrepareConfig
     from recsys_slm.distill.trainer import DistillConfig
     from recsys_slm.evaluation.ranker_eval import RankerEvalConfig
@@ -27,6 +28,9 @@ def _config_classes():
         "ranker": RankerEvalConfig,
         "distill": DistillConfig,
         "prune": PruneConfig,
+        "configs": __import__("recsys_slm.serving.config", fromlist=["_"]).ServingConfig,  # serving/configs/*.yaml
+        "compress": CompressConfig,
+        "retriever": __import__("recsys_slm.retriever.train", fromlist=["_"]).RetrieverTrainConfig,
     }
 
 

@@ -155,6 +155,16 @@ def test_distill_writes_a_stock_model_with_lineage(teacher_dir, cache, tiny_data
     assert not work_dir(out).exists()
 
 
+def test_manifest_records_the_prompt_taken_from_the_cache(teacher_dir, cache, tiny_data_dir, tmp_path):
+    """No prompt configured: the student trains with the cache's prompt, and its manifest says so (so a later
+    eval of the student directory uses the same prompt, not the default)."""
+    out = tmp_path / "student"
+    distill(_cfg(teacher_dir, cache, tiny_data_dir, out, prompt={}, max_steps=1, eval_every=1, checkpoint_every=1))
+    manifest = read_manifest(out)
+    assert manifest["config"]["prompt"] == {**PromptConfig().__dict__, **PROMPT}
+    assert manifest["metrics"]["prompt_source"] == "teacher cache"
+
+
 def test_sft_uses_labels_only_and_differs_from_kd(teacher_dir, cache, tiny_data_dir, tmp_path):
     sft = distill(_cfg(teacher_dir, cache, tiny_data_dir, tmp_path / "sft", objective={"loss": "sft"},
                        sources=["labelled"], test_eval=False))  # fmt: skip

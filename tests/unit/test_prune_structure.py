@@ -184,12 +184,29 @@ def test_prune_command_writes_a_stock_model_with_report(tmp_path, tiny_data_dir,
                "eval_records=18", "device=cpu", *prompt])  # fmt: skip
     assert rc == 0 and "non-embedding params" in capsys.readouterr().out
     m = read_manifest(tmp_path / "p")["metrics"]
-    assert m["after"]["widths"] == {"heads": 2, "kv_heads": 2, "head_dim": 16, "intermediate": 32}
+    assert m["after"]["widths"] == [{"heads": 2, "kv_heads": 2, "head_dim": 16, "intermediate": 32}] * 2
     assert m["after"]["non_embedding_params"] < m["before"]["non_embedding_params"]
     assert 0 <= m["after"]["val_auc"] <= 1 and m["forward_speedup"] > 0
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "p")
     assert reloaded.config.num_attention_heads == 2 and reloaded.config.intermediate_size == 32
     assert main(["prune", "--model", str(src), "--out", str(tmp_path / "q"), "heads_keep=0"]) == 2
+    assert main(["prune", "--model", str(src), "--out", str(tmp_path / "q"), "param_budget=1.5"]) == 2
+    assert main(["prune", "--model", str(src), "--out", str(tmp_path / "q"), "uniformize=pad"]) == 2  # uniform=true
+
+
+def test_prune_to_a_parameter_budget(tmp_path, tiny_data_dir):
+    from recsys_slm.config import from_dict
+    from recsys_slm.prune.pruner import PruneConfig, prune
+
+    src = build_tiny_causal_lm(tmp_path / "src", seed=2, num_layers=2)
+    cfg = from_dict(PruneConfig, {"model": str(src), "out": tmp_path / "p", "data_dir": tiny_data_dir,
+                                  "prompt": {"system": "Recommender.", "instruction": "Like it?", "max_tokens": 400},
+                                  "param_budget": 0.4, "method": "magnitude", "calibration_records": 8,
+                                  "eval_records": 0, "device": "cpu"})  # fmt: skip
+    summary = prune(cfg)
+    assert summary["after"]["non_embedding_params"] <= 0.4 * summary["before"]["non_embedding_params"]
+    assert 0 < summary["keep_share"] < 1
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "p").num_parameters() > 0
 
 
 def test_taylor_scores_equal_gradient_times_weight_per_group(lm_dir):
@@ -237,3 +254,54 @@ def test_unsupported_architecture_gets_a_clear_error(tmp_path, tiny_data_dir, ca
     rc = main(["prune", "--model", str(src), "--out", str(tmp_path / "p"), f"data_dir={tiny_data_dir}", "device=cpu"])
     assert rc == 1 and not (tmp_path / "p").exists()
     assert "GPT2LMHeadModel is not supported by the pruning operators: layer 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("overrides, model_type", [
+    ({"method": "osscar"}, "llama"),
+    ({"low_rank": {"method": "svd_llm", "keep_ratio": 0.4}}, "recsys_slm_llama"),
+    ({"low_rank": {"method": "cti", "keep_ratio": 0.4, "candidates": [0.5, 1.0], "samples": 8}}, "recsys_slm_llama"),
+    ({"uniform": False}, "recsys_slm_llama"),
+    ({"uniform": False, "uniformize": "pad"}, "llama"),
+])  # fmt: skip
+def test_prune_methods_write_a_loadable_model(tmp_path, tiny_data_dir, overrides, model_type):
+    """Every method path of ``prune()`` saves a directory that loads back (stock, or the registered compressed
+    type through recsys_slm's loader) and scores like the in-memory model did (same val AUC)."""
+    from recsys_slm.config import from_dict
+    from recsys_slm.models.loading import load_causal_lm
+    from recsys_slm.prune.pruner import PruneConfig, prune
+
+    src = build_tiny_causal_lm(tmp_path / "src", seed=2, num_layers=2)
+    cfg = from_dict(PruneConfig, {"model": str(src), "out": tmp_path / "p", "data_dir": tiny_data_dir,
+                                  "prompt": {"system": "Recommender.", "instruction": "Like it?", "max_tokens": 400},
+                                  "method": "magnitude", "heads_keep": 0.5, "neurons_keep": 0.5,
+                                  "calibration_records": 8, "eval_records": 18, "device": "cpu", **overrides})  # fmt: skip
+    summary = prune(cfg)
+    assert summary["model_type"] == model_type
+    assert summary["after"]["non_embedding_params"] < summary["before"]["non_embedding_params"]
+    model, _ = load_causal_lm(tmp_path / "p", device="cpu", dtype=torch.float32)
+    assert model.config.model_type == model_type
+    if model_type == "llama":  # stock: loads without the registration too
+        assert AutoModelForCausalLM.from_pretrained(tmp_path / "p").config.model_type == "llama"
+    # the saved model scores like the pruned in-memory one: the eval harness on the reloaded directory
+    from recsys_slm.evaluation.ranker_eval import RankerEvalConfig, evaluate_ranker
+
+    report = evaluate_ranker(RankerEvalConfig(model=str(tmp_path / "p"), out=tmp_path / "eval", max_records=18,
+                                              task=tiny_data_dir / "tasks" / "pointwise" / "val.parquet",
+                                              baselines=False, device="cpu"))  # fmt: skip
+    assert report["metrics"][report["primary_method"]]["auc"] == pytest.approx(summary["after"]["val_auc"], abs=1e-6)
+
+
+def test_width_pruning_refuses_factored_or_non_uniform_models(lm_dir):
+    from recsys_slm.models.low_rank import LowRankLinear
+    from recsys_slm.prune.structure import check_prunable
+
+    model = _load(lm_dir)
+    check_prunable(model)
+    prune_mlp_neurons(decoder_layers(model)[1].mlp, range(64))
+    with pytest.raises(ValueError, match="different widths"):
+        check_prunable(model)
+    model = _load(lm_dir)
+    q = decoder_layers(model)[0].self_attn.q_proj
+    decoder_layers(model)[0].self_attn.q_proj = LowRankLinear(q.in_features, q.out_features, 8)
+    with pytest.raises(ValueError, match=r"layer 0 has low-rank factored projections \(self_attn.q_proj\)"):
+        check_prunable(model)
