@@ -31,7 +31,9 @@ def main(argv: list[str] | None = None) -> int:
         m, c = manifest["metrics"], manifest["config"]
         low_rank = (c.get("low_rank") or {}).get("method", "none")
         rows.append({
-            "name": name, "dir": path, "method": m["method"], "low_rank": low_rank,
+            # a run that keeps every head and neuron (low-rank only) has no width importance to speak of
+            "name": name, "dir": path, "low_rank": low_rank,
+            "method": m["method"] if m["before"]["widths"] != m["after"]["widths"] else "none (widths kept)",
             "uniform": c.get("uniform", True), "model_type": m.get("model_type", "llama"),
             "non_embedding_params_before": m["before"]["non_embedding_params"],
             "non_embedding_params_after": m["after"]["non_embedding_params"],

@@ -28,7 +28,8 @@ def run_prune(args: argparse.Namespace) -> int:
     summary = prune(load_config(PruneConfig, args.config, with_flags(args.overrides, model=args.model, out=args.out)))
     before, after = summary["before"], summary["after"]
     auc = (f", val AUC {before['val_auc']:.4f} -> {after['val_auc']:.4f}" if "val_auc" in after else "")
-    print(f"pruned ({summary['method']}) -> {summary['out']}")
+    low_rank = (summary.get("low_rank") or {}).get("method")
+    print(f"pruned ({summary['method']}{' + ' + low_rank if low_rank else ''}) -> {summary['out']}")
     print(f"  non-embedding params {before['non_embedding_params']:,} -> {after['non_embedding_params']:,} "
           f"({summary['non_embedding_param_ratio']:.2%}), forward {summary['forward_speedup']:.2f}x faster{auc}")
     print(f"  widths {_widths(before['widths'])} -> {_widths(after['widths'])}")
