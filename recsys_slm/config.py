@@ -251,11 +251,12 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def load_config(cls: type[C], path: str | Path | None = None, overrides: list[str] | None = None) -> C:
-    """Defaults, then the YAML file at ``path`` (if any), then ``key=value`` overrides → a validated ``cls``.
+def load_config_data(path: str | Path | None = None, overrides: list[str] | None = None) -> tuple[dict[str, Any], str]:
+    """The YAML file at ``path`` (if any) merged with ``key=value`` overrides, unvalidated, and a ``" (from ...)"``
+    suffix naming the sources for error messages.
 
     Raises:
-        ConfigError: unknown key, bad value, unreadable or non-mapping YAML (the message names the file).
+        ConfigError: a missing, unreadable or non-mapping YAML file (the message names the file), or a bad override.
     """
     data: dict[str, Any] = {}
     if path is not None:
@@ -273,13 +274,20 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: list[st
         data = loaded
     if overrides:
         data = _merge(data, parse_overrides(overrides))
+    sources = ([f"file {path}"] if path is not None else []) + ([f"overrides {' '.join(overrides)}"] if overrides else [])
+    return data, (f" (from {' and '.join(sources)})" if sources else "")
+
+
+def load_config(cls: type[C], path: str | Path | None = None, overrides: list[str] | None = None) -> C:
+    """Defaults, then the YAML file at ``path`` (if any), then ``key=value`` overrides → a validated ``cls``.
+
+    Raises:
+        ConfigError: unknown key, bad value, unreadable or non-mapping YAML (the message names the file).
+    """
+    data, where = load_config_data(path, overrides)
     try:
         return from_dict(cls, data)
     except ConfigError as exc:
-        sources = ([f"file {path}"] if path is not None else []) + (
-            [f"overrides {' '.join(overrides)}"] if overrides else []
-        )
-        where = f" (from {' and '.join(sources)})" if sources else ""
         raise ConfigError(f"{exc}{where}") from None
 
 

@@ -12,9 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-import yaml
-
-from recsys_slm.config import ConfigError, check, from_dict, parse_overrides, validate_fields
+from recsys_slm.config import ConfigError, check, from_dict, load_config_data, validate_fields
 
 C = TypeVar("C")
 BACKENDS = ("local", "ray")
@@ -104,16 +102,6 @@ def _raw(value: Any) -> Any:
     return getattr(value, "raw", value)
 
 
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
 def load_with_backend(
     cls: type[C], path: str | Path | None = None, overrides: list[str] | None = None
 ) -> tuple[C, RayConfig | None]:
@@ -125,26 +113,7 @@ def load_with_backend(
     Raises:
         ConfigError: an unknown backend, ``ray.*`` keys without ``backend=ray``, or any error of ``cls``.
     """
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(
-                f"config file {path}: top level must be a mapping of keys, got {type(loaded).__name__}"
-            )
-        data = loaded or {}
-    if overrides:
-        data = _merge(data, parse_overrides(overrides))
-    sources = ([f"file {path}"] if path is not None else []) + (
-        [f"overrides {' '.join(overrides)}"] if overrides else []
-    )
-    where = f" (from {' and '.join(sources)})" if sources else ""
+    data, where = load_config_data(path, overrides)
     backend = str(_raw(data.pop("backend", "local")) or "local")
     ray_section = data.pop("ray", None)
     try:
