@@ -241,11 +241,12 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     return out
 
 
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+def merge_dicts(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """Deep merge: mappings merge key by key, anything else in ``extra`` replaces."""
     merged = dict(base)
     for key, value in extra.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
+            merged[key] = merge_dicts(merged[key], value)
         else:
             merged[key] = value
     return merged
@@ -273,7 +274,7 @@ def load_config_data(path: str | Path | None = None, overrides: list[str] | None
             raise ConfigError(f"config file {path}: top level must be a mapping of keys, got {type(loaded).__name__}")
         data = loaded
     if overrides:
-        data = _merge(data, parse_overrides(overrides))
+        data = merge_dicts(data, parse_overrides(overrides))
     sources = ([f"file {path}"] if path is not None else []) + ([f"overrides {' '.join(overrides)}"] if overrides else [])
     return data, (f" (from {' and '.join(sources)})" if sources else "")
 

@@ -30,6 +30,7 @@ from recsys_slm.config import (
     config_to_dict,
     expand_model_spec,
     from_dict,
+    merge_dicts,
     validate_fields,
 )
 from recsys_slm.data.prompts import PromptConfig
@@ -138,7 +139,11 @@ class EvalSection:
             check(value is None or value > 0, key, f"must be > 0 or null (= all records), got {value}")
         for key in ("batch_size", "speed_records", "speed_batch_size", "latency_requests"):
             check(getattr(self, key) > 0, key, f"must be > 0, got {getattr(self, key)}")
-        check(self.pointwise or self.candidates, "pointwise", "pointwise and candidates are both false: nothing to evaluate")
+        check(
+            self.pointwise or self.candidates,
+            "pointwise",
+            "pointwise and candidates are both false: nothing to evaluate",
+        )
 
 
 @dataclass
@@ -186,9 +191,17 @@ class CompressConfig:
         check(bool(self.teacher.strip()), "teacher",
               "required: the teacher ranker directory, e.g. teacher=runs/teacher (see docs/compress.md)")  # fmt: skip
         self.teacher = expand_model_spec(self.teacher)
-        check(bool(_DEVICE.match(self.device)), "device", f"one of auto, cpu, cuda, cuda:N; got {self.device!r}")
-        check(0.0 <= self.regrow <= 1.0, "regrow", f"must be in [0, 1] (share of the removed units), got {self.regrow}")
-        check(len(set(self.ablations)) == len(self.ablations), "ablations", f"has duplicates: {self.ablations}")
+        check(
+            bool(_DEVICE.match(self.device)), "device", f"one of auto, cpu, cuda, cuda:N; got {self.device!r}"
+        )
+        check(
+            0.0 <= self.regrow <= 1.0,
+            "regrow",
+            f"must be in [0, 1] (share of the removed units), got {self.regrow}",
+        )
+        check(
+            len(set(self.ablations)) == len(self.ablations), "ablations", f"has duplicates: {self.ablations}"
+        )
         out = self.resolved_out()
         # Validate each section against its stage config now (with the values the pipeline will fill in).
         self.distill = normalize_section(self.distill, "DistillConfig", "distill.", DISTILL_FIXED,
@@ -199,7 +212,7 @@ class CompressConfig:
         source = _unwrap(redistill.pop("teacher_source", "teacher"))
         check(source in ("teacher", "distill"), "redistill.teacher_source",
               f"got {source!r}; allowed values: 'teacher', 'distill'")  # fmt: skip
-        base = merge(self.distill, {k: v for k, v in redistill.items()})
+        base = merge_dicts(self.distill, {k: v for k, v in redistill.items()})
         for key in REDISTILL_FIXED:
             check(key not in redistill, f"redistill.{key}", "is set by the pipeline (stage 3 starts from the pruned "
                   "model and learns from the teacher chosen by redistill.teacher_source)")  # fmt: skip
@@ -209,8 +222,12 @@ class CompressConfig:
                                        keep=redistill)  # fmt: skip
         self.redistill = {**normalized, "teacher_source": source}
         for key in ABLATION_FIXED:
-            check(key not in self.ablation_train, f"ablation_train.{key}", "is set by the pipeline for each ablation")
-        normalized = normalize_section(merge(self.distill, self.ablation_train), "DistillConfig", "ablation_train.", (),
+            check(
+                key not in self.ablation_train,
+                f"ablation_train.{key}",
+                "is set by the pipeline for each ablation",
+            )
+        normalized = normalize_section(merge_dicts(self.distill, self.ablation_train), "DistillConfig", "ablation_train.", (),
                                        {"teacher": self.teacher, "out": out / "ablations" / "x"},
                                        keep=self.ablation_train)  # fmt: skip
         self.ablation_train = normalized
@@ -238,23 +255,14 @@ def _unwrap(value: Any) -> Any:
     return getattr(value, "parsed", value)
 
 
-def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    """Deep merge: mappings merge key by key, anything else in ``extra`` replaces."""
-    out = dict(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
 def _pick(plain: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
     """The resolved values of the keys in ``given`` (nested mappings recursively)."""
     out = {}
     for key, value in given.items():
         resolved = plain.get(key)
-        out[key] = _pick(resolved, value) if isinstance(value, dict) and isinstance(resolved, dict) else resolved
+        out[key] = (
+            _pick(resolved, value) if isinstance(value, dict) and isinstance(resolved, dict) else resolved
+        )
     return out
 
 

@@ -37,10 +37,9 @@ from recsys_slm.compress.config import (
     STAGES,
     TRAIN_DEFAULTS,
     CompressConfig,
-    merge,
     stage_fields,
 )
-from recsys_slm.config import ConfigError, config_to_dict, from_dict, save_config
+from recsys_slm.config import ConfigError, config_to_dict, from_dict, merge_dicts, save_config
 from recsys_slm.data.prompts import PromptConfig
 from recsys_slm.distill.trainer import DistillConfig, distill
 from recsys_slm.model_dir import (
@@ -76,7 +75,11 @@ def _hashable(config: dict[str, Any]) -> dict[str, Any]:
 
 def _token(record: dict[str, Any]) -> dict[str, Any]:
     """What a child's hash depends on: the parent's hash and completion time (a redone parent changes it)."""
-    return {"stage": record["stage"], "config_hash": record["config_hash"], "completed_ts": record["completed_ts"]}
+    return {
+        "stage": record["stage"],
+        "config_hash": record["config_hash"],
+        "completed_ts": record["completed_ts"],
+    }
 
 
 def model_identity(spec: str) -> dict[str, Any]:
@@ -99,7 +102,10 @@ def data_identity(data_dir: Path) -> dict[str, Any]:
     """A prepared data directory's identity: path plus the mtime of its ``summary.json`` (rewritten by every
     ``data prepare``), so re-prepared data redoes the stages."""
     summary = Path(data_dir) / "summary.json"
-    return {"data_dir": str(data_dir), "summary_mtime_ns": summary.stat().st_mtime_ns if summary.is_file() else None}
+    return {
+        "data_dir": str(data_dir),
+        "summary_mtime_ns": summary.stat().st_mtime_ns if summary.is_file() else None,
+    }
 
 
 def _write_record(directory: Path, record: dict[str, Any]) -> None:
@@ -166,7 +172,9 @@ class _Run:
         save_config(self.cfg, tmp)
         tmp.replace(out / CONFIG_FILE)
 
-    def stage(self, name: str, directory: Path, config: dict[str, Any], parents: list[Any], fn, force: bool) -> dict:
+    def stage(
+        self, name: str, directory: Path, config: dict[str, Any], parents: list[Any], fn, force: bool
+    ) -> dict:
         """Run ``fn`` (which writes ``directory``) unless ``directory`` is complete with the same hash.
 
         Returns:
@@ -183,12 +191,18 @@ class _Run:
         work = work_dir(directory)
         previous = json.loads(pending.read_text()) if pending.is_file() else None
         if work.exists() and (force or previous is None or previous.get("config_hash") != digest):
-            self.log(f"{name}: discarding checkpoint {work} (" + ("--from-stage" if force else "another config") + ")")
+            self.log(
+                f"{name}: discarding checkpoint {work} ("
+                + ("--from-stage" if force else "another config")
+                + ")"
+            )
             shutil.rmtree(work)
         resuming = work.exists()
         directory.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(pending, {"stage": name, "config_hash": digest, "started": time.time()})
-        self.log(f"{name}: running (config {digest})" + (", resuming from its checkpoint" if resuming else ""))
+        self.log(
+            f"{name}: running (config {digest})" + (", resuming from its checkpoint" if resuming else "")
+        )
         start = time.perf_counter()
         fn()
         now = time.time()
@@ -216,7 +230,9 @@ class _Run:
         # Killed after the stage wrote its directory but before the record: adopt it if the pending run made it.
         if pending.is_file():
             started = json.loads(pending.read_text())
-            if started.get("config_hash") == digest and _created_ts(manifest) >= int(started.get("started", 0)):
+            if started.get("config_hash") == digest and _created_ts(manifest) >= int(
+                started.get("started", 0)
+            ):
                 now = time.time()
                 record = {"stage": name, "config_hash": digest, "completed": manifest.get("created"),
                           "completed_ts": now, "seconds": None, "resumed": True}  # fmt: skip
@@ -296,7 +312,7 @@ class _Run:
 
     # ------------------------------------------------------------------------------------------ stage configs
     def _train_config(self, section: dict[str, Any], prefix: str, **fixed: Any) -> DistillConfig:
-        data = merge(TRAIN_DEFAULTS, section)
+        data = merge_dicts(TRAIN_DEFAULTS, section)
         data.setdefault("device", self.cfg.device)
         data.update({k: v for k, v in fixed.items()})
         data["data_dir"] = str(self.data_dir)
@@ -310,13 +326,19 @@ class _Run:
                                   transfer_set=str(transfer) if transfer else None)  # fmt: skip
 
     def redistill_config(self, prompt, cache, transfer, start: Path, source: str, out: Path) -> DistillConfig:
-        section = merge(dict(self.cfg.distill), {k: v for k, v in self.cfg.redistill.items() if k != "teacher_source"})
+        section = merge_dicts(
+            dict(self.cfg.distill), {k: v for k, v in self.cfg.redistill.items() if k != "teacher_source"}
+        )
         section.setdefault("prompt", config_to_dict(prompt))
         section["student"] = {"init": "model", "source": str(start)}
         if source == "teacher":
             teacher, t_cache, t_set = self.cfg.teacher, cache, transfer
         else:  # the stage-1 student, online, on the same records
-            teacher, t_cache, t_set = str(self.out / STAGES[0]), None, transfer if transfer is not None else cache
+            teacher, t_cache, t_set = (
+                str(self.out / STAGES[0]),
+                None,
+                transfer if transfer is not None else cache,
+            )
         return self._train_config(section, "redistill.", teacher=teacher, out=str(out),
                                   teacher_cache=str(t_cache) if t_cache else None,
                                   transfer_set=str(t_set) if t_set else None)  # fmt: skip
@@ -372,7 +394,7 @@ class _Run:
             prune_only = rec
             if "prune_only" in wanted:
                 entries.append(ModelEntry("prune_only", str(root / "prune_only"), _token(rec), "ablation"))
-        base = merge(dict(self.cfg.distill), dict(self.cfg.ablation_train))
+        base = merge_dicts(dict(self.cfg.distill), dict(self.cfg.ablation_train))
         base.setdefault("prompt", config_to_dict(prompt))
         if steps is not None:
             base["max_steps"] = steps
@@ -433,11 +455,19 @@ class _Run:
 
     def pointwise_task(self) -> Path:
         e = self.cfg.eval
-        return Path(e.pointwise_task) if e.pointwise_task else self.data_dir / "tasks" / "pointwise" / "test.parquet"
+        return (
+            Path(e.pointwise_task)
+            if e.pointwise_task
+            else self.data_dir / "tasks" / "pointwise" / "test.parquet"
+        )
 
     def candidates_task(self) -> Path:
         e = self.cfg.eval
-        return Path(e.candidates_task) if e.candidates_task else self.data_dir / "tasks" / "candidates" / "test.parquet"
+        return (
+            Path(e.candidates_task)
+            if e.candidates_task
+            else self.data_dir / "tasks" / "candidates" / "test.parquet"
+        )
 
     def evaluate(self, name: str, model_dir: str | None, token: Any, prompt: PromptConfig) -> dict[str, Any]:
         """AUC (pointwise) and NDCG@10 etc. (candidates) of one model, or of the baselines (model_dir None), with
@@ -523,7 +553,9 @@ def _matching_prune_keys(source: str, final: Path, prune_section: dict[str, Any]
         "heads_keep": min(1.0, dst["heads"] / src["heads"]),
         "neurons_keep": min(1.0, dst["intermediate"] / src["intermediate"]),
         "layers_keep": 1.0 if dst["layers"] >= src["layers"] else (dst["layers"] - 0.5) / src["layers"],
-        "head_mode": "kv_groups" if dst["kv_heads"] < src["kv_heads"] else prune_section.get("head_mode", "query_heads"),
+        "head_mode": "kv_groups"
+        if dst["kv_heads"] < src["kv_heads"]
+        else prune_section.get("head_mode", "query_heads"),
     }
     available = stage_fields("PruneConfig")
     for key, value in (("param_budget", None), ("uniform", True), ("uniformize", "none")):
@@ -559,7 +591,10 @@ def compress(cfg: CompressConfig, from_stage: str | None = None) -> dict[str, An
     run = _Run(cfg, from_stage)
     run.check_inputs()
     run.prepare_out()
-    run.log(f"start: teacher {cfg.teacher} -> {run.out}" + (f" (from stage {run.from_step})" if run.from_step else ""))
+    run.log(
+        f"start: teacher {cfg.teacher} -> {run.out}"
+        + (f" (from stage {run.from_step})" if run.from_step else "")
+    )
     prompt = run.prompt()
     cache, transfer = run.teacher_cache(prompt)
     teacher_id = model_identity(cfg.teacher)
