@@ -93,3 +93,19 @@ def test_head_counts_divide_the_hidden_size():
     prune_attention_heads(decoder_layers(model)[0].self_attn, [0, 1, 2, 5, 6, 7])
     with pytest.raises(ValueError, match=r"hidden_size \(80\) divisible.*keep one of \[2, 4, 8, 10"):
         sync_config(model)
+
+
+@pytest.mark.parametrize("low_rank, key", [
+    ({"method": "svd_llm", "keep_ratio": 0.5, "energy": 0.9}, "low_rank.keep_ratio"),
+    ({"method": "cti", "keep_ratio": None}, "low_rank.keep_ratio"),
+    ({"method": "cti", "candidates": []}, "low_rank.candidates"),
+    ({"method": "cti", "samples": 500}, "low_rank.samples"),
+    ({"method": "svd_llm", "keep_ratio": 1.5}, "low_rank.keep_ratio"),
+    ({"method": "svd_llm", "kinds": []}, "low_rank.kinds"),
+])  # fmt: skip
+def test_low_rank_config_errors_name_the_key(low_rank, key):
+    from recsys_slm.config import ConfigError, from_dict
+    from recsys_slm.prune.pruner import PruneConfig
+
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        from_dict(PruneConfig, {"model": "m", "out": "o", "low_rank": low_rank})
