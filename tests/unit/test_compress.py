@@ -298,3 +298,25 @@ def test_killed_stage_resumes_from_its_checkpoint(teacher_dir, tiny_data_dir, tm
     assert adopted["run"]["ran"] == [] and "03_redistill" in adopted["run"]["skipped"]
     assert read_manifest(out / "03_redistill")["compress"]["config_hash"] == record["config_hash"]
     assert not (out / ".03_redistill.pending.json").exists()
+
+
+def test_pipeline_with_osscar_pruning_and_regrowth(teacher_dir, tiny_data_dir, tmp_path):
+    """OSSCAR refits o_proj / down_proj, so regrowth must find removed units from q / gate / up rows only; the
+    regrown model still computes the pruned model's function."""
+    from recsys_slm.compress.pipeline import compress
+
+    out = tmp_path / "run"
+    values = _config(teacher_dir, tiny_data_dir, out, tmp_path / "cache", ablations=[],
+                     prune={"method": "osscar", "heads_keep": 0.5, "neurons_keep": 0.5, "calibration_records": 8,
+                            "eval_records": 0, "batch_size": 8},
+                     eval={"speed_records": 4, "latency_requests": 2, "candidates": False, "baselines": False})  # fmt: skip
+    report = compress(from_dict(CompressConfig, values))
+    by = {s["name"]: s for s in report["stages"]}
+    assert by["prune"]["widths"]["intermediate"] == 64
+    assert by["redistill"]["widths"] == {"heads": 4, "kv_heads": 2, "head_dim": 16, "intermediate": 96}
+    assert read_manifest(out / "02_prune")["config"]["method"] == "osscar"
+    pruned = AutoModelForCausalLM.from_pretrained(out / "02_prune").eval()
+    regrown = AutoModelForCausalLM.from_pretrained(out / "02_regrow").eval()
+    ids = torch.randint(3, 500, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(regrown(ids).logits, pruned(ids).logits, atol=1e-5, rtol=0)
