@@ -11,7 +11,12 @@ created, so a typo fails before any training with a message naming the full key 
 * ``redistill``: DistillConfig keys of stage 3 that **override the distill section** (the pipeline sets
   ``teacher``, ``teacher_cache``, ``transfer_set`` and ``student``), plus ``teacher_source``: ``teacher`` (the
   original teacher, through the cache) or ``distill`` (the stage-1 student, run online);
-* ``ablation_train``: DistillConfig keys overriding the distill section for the trained ablations.
+* ``ablation_train``: DistillConfig keys overriding the distill section for the trained ablations;
+* ``teacher_train`` (optional): :class:`~recsys_slm.ranker.train.TeacherTrainConfig` keys of stage ``00_teacher``,
+  which fine-tunes the teacher into the ``teacher`` directory first (skipped when that directory already holds a
+  teacher trained with the same keys). ``config: FILE`` inside it loads a teacher YAML (e.g.
+  ``pipelines/configs/teacher/smollm2_movielens.yaml``) that the other keys override; the pipeline sets ``out``
+  (= ``teacher``) and ``data_dir``.
 
 Only the keys given are stored (normalised to plain values), so the recorded config stays short and a stage's
 config hash changes only when something that reaches that stage changes.
@@ -30,6 +35,7 @@ from recsys_slm.config import (
     config_to_dict,
     expand_model_spec,
     from_dict,
+    load_config_data,
     merge_dicts,
     validate_fields,
 )
@@ -57,6 +63,7 @@ DISTILL_FIXED = ("teacher", "out", "data_dir")
 PRUNE_FIXED = ("model", "out", "data_dir")
 REDISTILL_FIXED = ("teacher", "out", "data_dir", "teacher_cache", "transfer_set", "student")
 ABLATION_FIXED = ("teacher", "out", "data_dir", "teacher_cache", "transfer_set", "student")
+TEACHER_FIXED = ("out", "data_dir")
 # Defaults the pipeline gives every training section unless the section sets the key: the stage's own test pass
 # would score the whole test split, which the pipeline's evaluation does once per model anyway.
 TRAIN_DEFAULTS: dict[str, Any] = {"test_eval": False}
@@ -151,7 +158,11 @@ class CompressConfig:
     """Config of ``recsys-slm compress`` (keys in ``docs/compress.md``).
 
     Fields:
-        teacher (str): the teacher ranker directory (required; ``$RECSYS_SLM_HOME``/``~`` expand).
+        teacher (str): the teacher ranker directory (``$RECSYS_SLM_HOME``/``~`` expand). Required unless
+            ``teacher_train`` is given, whose default is ``$RECSYS_SLM_HOME/runs/teacher/<model name>`` (where
+            ``recsys-slm teacher train`` writes).
+        teacher_train (dict | None): fine-tune the teacher first (stage ``00_teacher``) with these
+            TeacherTrainConfig keys (``config: FILE`` loads a teacher YAML under them); None = the teacher exists.
         out (Path | None): run directory; default ``$RECSYS_SLM_HOME/runs/compress/run``.
         data_dir (Path | None): prepared data; default ``$RECSYS_SLM_HOME/data/movielens-100k``.
         device (str): default device of every stage ("auto", "cpu", "cuda", "cuda:N"); a section may set its own.
@@ -171,6 +182,7 @@ class CompressConfig:
     """
 
     teacher: str = ""
+    teacher_train: dict[str, Any] | None = None
     out: Path | None = None
     data_dir: Path | None = None
     device: str = "auto"
@@ -188,8 +200,12 @@ class CompressConfig:
 
     def __post_init__(self) -> None:
         validate_fields(self)
+        if self.teacher_train is not None:
+            self.teacher_train = self._teacher_section(_unwrap(self.teacher_train))
+            self.teacher = self.teacher_train["out"]
         check(bool(self.teacher.strip()), "teacher",
-              "required: the teacher ranker directory, e.g. teacher=runs/teacher (see docs/compress.md)")  # fmt: skip
+              "required: the teacher ranker directory, e.g. teacher=runs/teacher, or a teacher_train section that "
+              "fine-tunes one (see docs/compress.md)")  # fmt: skip
         self.teacher = expand_model_spec(self.teacher)
         check(
             bool(_DEVICE.match(self.device)), "device", f"one of auto, cpu, cuda, cuda:N; got {self.device!r}"
@@ -232,6 +248,38 @@ class CompressConfig:
                                        keep=self.ablation_train)  # fmt: skip
         self.ablation_train = normalized
 
+    def _teacher_section(self, section: Any) -> dict[str, Any]:
+        """The resolved TeacherTrainConfig of stage 00_teacher as plain values (every key, so its hash covers
+        the loaded YAML too); ``out`` is the ``teacher`` directory (or the teacher config's default)."""
+        from recsys_slm.ranker.train import TeacherTrainConfig
+
+        if not isinstance(section, dict):
+            raise ConfigError(f"config key 'teacher_train': expected a mapping of keys, got {section!r}")
+        section = {k: _unwrap(v) for k, v in section.items()}
+        # out / data_dir are the pipeline's; a saved compress_config.yaml carries them back with the same values
+        fixed = {"out": expand_model_spec(self.teacher) if self.teacher.strip() else None,
+                 "data_dir": str(self.resolved_data_dir())}  # fmt: skip
+        for key in TEACHER_FIXED:
+            given = section.pop(key, None)
+            check(given is None or (fixed[key] is not None and str(given) == fixed[key]), f"teacher_train.{key}",
+                  f"is set by the pipeline (out = the teacher key, data_dir = the data_dir key); got {given!r}")  # fmt: skip
+        data: dict[str, Any] = {}
+        source = section.pop("config", None)
+        if source is not None:
+            path = _find_file(str(source))
+            check(path is not None, "teacher_train.config", f"file {source} does not exist")
+            data, _ = load_config_data(path)
+            data.pop("out", None)
+            data.pop("data_dir", None)
+        data = merge_dicts(data, section)
+        data["data_dir"] = str(self.resolved_data_dir())
+        if self.teacher.strip():
+            data["out"] = expand_model_spec(self.teacher)
+        resolved = from_dict(TeacherTrainConfig, data, prefix="teacher_train.")
+        plain = config_to_dict(resolved)
+        plain["out"] = str(resolved.resolved_out())
+        return plain
+
     def resolved_out(self) -> Path:
         return Path(self.out) if self.out is not None else cache_home() / "runs" / "compress" / "run"
 
@@ -248,6 +296,16 @@ def _stage_class(name: str):
     from recsys_slm.prune.pruner import PruneConfig
 
     return PruneConfig
+
+
+def _find_file(spec: str) -> Path | None:
+    """``spec`` as given (absolute or relative to the working directory), else relative to the repository root
+    (where ``pipelines/configs`` lives), else None."""
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return path
+    repo = Path(__file__).resolve().parents[2] / spec
+    return repo if not path.is_absolute() and repo.is_file() else None
 
 
 def _unwrap(value: Any) -> Any:

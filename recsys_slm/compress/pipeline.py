@@ -1,4 +1,4 @@
-"""``compress(cfg)``: teacher → ``01_distill`` → ``02_prune`` → (``02_regrow``) → ``03_redistill`` → ablations →
+"""``compress(cfg)``: teacher (``00_teacher``, optional fine-tune) → ``01_distill`` → ``02_prune`` → (``02_regrow``) → ``03_redistill`` → ablations →
 evaluation → report, each step in its own directory under ``cfg.out`` (``docs/compress.md``).
 
 Every stage is the existing stage function (:func:`recsys_slm.distill.trainer.distill`,
@@ -17,7 +17,11 @@ Resume semantics:
   completed from the pending file instead of redoing the stage;
 * ``from_stage`` redoes that step and every later one (stages, then ``ablations``, then ``eval``); a model's
   evaluation is kept while its directory is unchanged (``from_stage="eval"`` redoes every evaluation);
-* speed (items/s, latency) is measured anew for every model in the same process each time the report is built.
+* speed (items/s, latency) is measured anew for every model in the same process each time the report is built;
+* ``00_teacher`` (only with ``teacher_train``) writes the ``teacher`` directory, usually shared by runs (the
+  default is where ``recsys-slm teacher train`` writes): a directory that holds a teacher trained with the same
+  keys is reused (adopted when ``teacher train`` made it), a killed fine-tune resumes from its checkpoint, and a
+  teacher trained with other keys is never overwritten (an error names both). ``from_stage`` never retrains it.
 """
 
 from __future__ import annotations
@@ -59,6 +63,7 @@ LOG_FILE = "compress.log"
 CONFIG_FILE = "compress_config.yaml"
 EVAL_FILE = "compress_eval.json"
 REGROW_DIR = "02_regrow"
+TEACHER_STAGE = "00_teacher"
 # Keys that do not change what a stage computes: left out of its config hash.
 HASH_EXCLUDE = frozenset({"device", "progress", "eval_batch_size", "keep_checkpoints", "log_every", "resume"})
 
@@ -90,10 +95,13 @@ def model_identity(spec: str) -> dict[str, Any]:
         return {"spec": spec}
     manifest = read_manifest(path) or {}
     config = path / "config.json"
+    record = manifest.get(RECORD_KEY) or {}
     return {
         "spec": str(path.resolve()),
         "created": manifest.get("created"),
-        "record": (manifest.get(RECORD_KEY) or {}).get("config_hash"),
+        # a 00_teacher record only marks who trained / adopted the teacher (its creation time already changes when
+        # it is retrained): adopting a teacher must not redo the runs that used it before
+        "record": record.get("config_hash") if record.get("stage") != TEACHER_STAGE else None,
         "config_mtime_ns": config.stat().st_mtime_ns if config.is_file() else None,
     }
 
@@ -252,14 +260,62 @@ class _Run:
         manifest = read_manifest(teacher) if teacher.is_dir() else None
         return resolve_prompt(PromptConfig(), manifest)[0]
 
+    def teacher_stage(self) -> dict | None:
+        """Stage ``00_teacher``: fine-tune the teacher into ``cfg.teacher`` unless it is there already (module
+        docstring). Returns its record, or None without ``teacher_train``.
+
+        Raises:
+            ConfigError: the teacher directory holds a teacher trained with other keys.
+        """
+        from recsys_slm.ranker.train import TeacherTrainConfig, train_teacher
+
+        if self.cfg.teacher_train is None:
+            return None
+        t_cfg = from_dict(TeacherTrainConfig, dict(self.cfg.teacher_train), prefix="teacher_train.")
+        directory = Path(self.cfg.teacher)
+        config = _hashable(config_to_dict(t_cfg))
+        parents = [data_identity(self.data_dir)]
+        digest = config_hash(TEACHER_STAGE, config, parents)
+        manifest = read_manifest(directory) if directory.is_dir() else None
+        if manifest is not None and (manifest.get(RECORD_KEY) or {}).get("config_hash") != digest:
+            trained = {k: v for k, v in _hashable(manifest.get("config") or {}).items() if k not in ("out", "data_dir")}
+            wanted = {k: v for k, v in config.items() if k not in ("out", "data_dir")}
+            if trained != wanted:
+                differ = sorted(k for k in set(trained) | set(wanted) if trained.get(k) != wanted.get(k))
+                raise ConfigError(
+                    f"teacher_train: {directory} already holds a teacher trained with other keys ({', '.join(differ)}"
+                    "); pass another teacher=DIR to train a new one, or teacher_train=null to use this one as it is"
+                )
+            record = {"stage": TEACHER_STAGE, "config_hash": digest, "completed": manifest.get("created"),
+                      "completed_ts": _created_ts(manifest), "seconds": None, "resumed": False, "adopted": True}  # fmt: skip
+            _write_record(directory, record)
+            self.log(f"{TEACHER_STAGE}: {directory} was trained with the same keys, adopted")
+        return self.stage(TEACHER_STAGE, directory, config, parents, lambda: train_teacher(t_cfg), force=False)
+
+    def ensure_default_data(self) -> None:
+        """With ``data_dir`` unset, prepare the embedded default (MovieLens-100K, ``data prepare``'s defaults) into
+        the cache unless it is there already, so a preset runs from a fresh clone; a given data_dir is never
+        written."""
+        from recsys_slm.data.prepare import DataPrepareConfig, is_prepared, prepare_dataset
+
+        if self.cfg.data_dir is not None:
+            return
+        data_cfg = DataPrepareConfig()
+        if data_cfg.resolved_out().expanduser().resolve() != self.data_dir or is_prepared(data_cfg):
+            return
+        if (self.data_dir / "tasks").is_dir():
+            return  # prepared with other settings by the user: use it as it is
+        print(f"[compress] data: preparing {data_cfg.dataset} into {self.data_dir}", flush=True)
+        prepare_dataset(data_cfg)
+
     def check_inputs(self) -> None:
         from recsys_slm.models.packaged import PACKAGED_MODELS
 
         teacher = Path(self.cfg.teacher).expanduser()
-        if not teacher.is_dir() and self.cfg.teacher not in PACKAGED_MODELS:
+        if self.cfg.teacher_train is None and not teacher.is_dir() and self.cfg.teacher not in PACKAGED_MODELS:
             raise FileNotFoundError(
                 f"teacher {self.cfg.teacher} is not a model directory; train one (recsys-slm teacher train) and pass "
-                "teacher=DIR"
+                "teacher=DIR, or add a teacher_train section so that compress trains it (docs/compress.md)"
             )
         if not (self.data_dir / "tasks").is_dir():
             raise FileNotFoundError(
@@ -589,12 +645,14 @@ def compress(cfg: CompressConfig, from_stage: str | None = None) -> dict[str, An
     from recsys_slm.compress.report import build_report, write_report
 
     run = _Run(cfg, from_stage)
+    run.ensure_default_data()
     run.check_inputs()
     run.prepare_out()
     run.log(
         f"start: teacher {cfg.teacher} -> {run.out}"
         + (f" (from stage {run.from_step})" if run.from_step else "")
     )
+    rec0 = run.teacher_stage()
     prompt = run.prompt()
     cache, transfer = run.teacher_cache(prompt)
     teacher_id = model_identity(cfg.teacher)
@@ -632,7 +690,7 @@ def compress(cfg: CompressConfig, from_stage: str | None = None) -> dict[str, An
     quality = {m.name: run.evaluate(m.name, m.model_dir, m.token, prompt) for m in models}
     baselines = run.evaluate("baselines", None, {"baselines": True}, prompt) if cfg.eval.baselines else {}
     report = build_report(run, models, quality, baselines, prompt, {
-        "distill": rec1, "prune": rec2, "regrow": start_record if cfg.regrow > 0 else None, "redistill": rec3})  # fmt: skip
+        "teacher": rec0, "distill": rec1, "prune": rec2, "regrow": start_record if cfg.regrow > 0 else None, "redistill": rec3})  # fmt: skip
     write_report(run.out, report)
     run.log(f"report: {run.out / 'report.json'}, {run.out / 'report.md'}")
     return report

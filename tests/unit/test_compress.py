@@ -320,3 +320,90 @@ def test_pipeline_with_osscar_pruning_and_regrowth(teacher_dir, tiny_data_dir, t
     ids = torch.randint(3, 500, (2, 9), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(regrown(ids).logits, pruned(ids).logits, atol=1e-5, rtol=0)
+
+
+def _teacher_keys(base: Path) -> dict:
+    return {"model": str(base), "freeze_layers": 0, "batch_size": 4, "max_steps": 2, "eval_every": 0,
+            "checkpoint_every": 1, "lr": 1e-3, "warmup_ratio": 0.0, "progress": False, "prompt": PROMPT}  # fmt: skip
+
+
+def test_teacher_stage_trains_reuses_adopts_and_never_overwrites(teacher_dir, tiny_data_dir, tmp_path):
+    """teacher_train: stage 00_teacher fine-tunes the teacher first, is skipped on the rerun, adopts a teacher that
+    `teacher train` made with the same keys, and refuses to overwrite one trained with other keys."""
+    from recsys_slm.compress.pipeline import compress, model_identity
+    from recsys_slm.ranker.train import TeacherTrainConfig, train_teacher
+
+    teacher = tmp_path / "teacher"
+    values = _config(teacher, tiny_data_dir, tmp_path / "run", tmp_path / "cache", regrow=0.0, ablations=[],
+                     teacher_train=_teacher_keys(teacher_dir),
+                     eval={"speed_records": 4, "latency_requests": 2, "candidates": False, "baselines": False})  # fmt: skip
+    cfg = from_dict(CompressConfig, values)
+    assert cfg.teacher == str(teacher) and cfg.teacher_train["out"] == str(teacher)
+    assert cfg.teacher_train["data_dir"] == str(tiny_data_dir)
+    report = compress(cfg)
+    assert report["run"]["ran"][0] == "00_teacher" and report["stage_records"]["teacher"]["stage"] == "00_teacher"
+    manifest = read_manifest(teacher)
+    assert manifest["stage"] == "teacher_train" and manifest["metrics"]["steps"] == 2
+    assert read_manifest(tmp_path / "run" / "01_distill")["parent"] == str(teacher)
+    # rerun: the teacher is complete with the same keys -> skipped
+    again = compress(from_dict(CompressConfig, values))
+    assert "00_teacher" in again["run"]["skipped"] and again["run"]["ran"] == []
+    assert read_manifest(teacher)["created"] == manifest["created"]
+
+    # a teacher made by `recsys-slm teacher train` with the same keys is adopted, not retrained
+    other = tmp_path / "teacher_cli"
+    train_teacher(from_dict(TeacherTrainConfig, {**_teacher_keys(teacher_dir), "out": str(other),
+                                                 "data_dir": str(tiny_data_dir)}))  # fmt: skip
+    created = read_manifest(other)["created"]
+    identity = model_identity(str(other))
+    adopted = compress(from_dict(CompressConfig, {**values, "teacher": str(other), "out": str(tmp_path / "run2")}))
+    assert "00_teacher" in adopted["run"]["skipped"] and read_manifest(other)["created"] == created
+    assert read_manifest(other)["compress"]["adopted"] is True
+    assert model_identity(str(other)) == identity  # runs that used this teacher before are not redone
+
+    # ... but one trained with other keys is never overwritten
+    changed = {**values, "out": str(tmp_path / "run3"), "teacher_train": {**_teacher_keys(teacher_dir), "lr": 5e-4}}
+    with pytest.raises(ConfigError, match=r"teacher_train: .*teacher already holds a teacher trained with other keys \(lr\)"):
+        compress(from_dict(CompressConfig, changed))
+    assert read_manifest(teacher)["created"] == manifest["created"]
+
+
+def test_teacher_train_section_errors_and_yaml(tiny_data_dir, tmp_path):
+    base = _config(tmp_path / "t", tiny_data_dir, tmp_path / "run", tmp_path / "cache")
+    with pytest.raises(ConfigError, match="teacher_train.lr"):
+        from_dict(CompressConfig, {**base, "teacher_train": {"lr": -1}})
+    with pytest.raises(ConfigError, match="teacher_train.bogus"):
+        from_dict(CompressConfig, {**base, "teacher_train": {"bogus": 1}})
+    with pytest.raises(ConfigError, match="teacher_train.out"):
+        from_dict(CompressConfig, {**base, "teacher_train": {"out": str(tmp_path / "elsewhere")}})
+    with pytest.raises(ConfigError, match="'teacher_train.config': file nope.yaml does not exist"):
+        from_dict(CompressConfig, {**base, "teacher_train": {"config": "nope.yaml"}})
+    # the shipped teacher YAML, found relative to the repository root, overridden by the section's keys
+    cfg = from_dict(CompressConfig, {**base, "teacher": "", "teacher_train": {
+        "config": "pipelines/configs/teacher/smollm2_movielens.yaml", "max_steps": 7}})  # fmt: skip
+    assert cfg.teacher_train["max_steps"] == 7 and cfg.teacher_train["freeze_layers"] == 20
+    assert cfg.teacher.endswith("runs/teacher/smollm2-135m-instruct") and cfg.teacher_train["out"] == cfg.teacher
+    # a saved compress_config.yaml (out / data_dir filled in) loads back unchanged
+    again = from_dict(CompressConfig, {**base, "teacher": cfg.teacher, "teacher_train": cfg.teacher_train})
+    assert again.teacher_train == cfg.teacher_train
+
+
+def test_default_data_is_prepared_only_when_missing(tiny_data_dir, tmp_path, monkeypatch):
+    """data_dir unset: the default MovieLens-100K directory is prepared when absent (here: the call is recorded, not
+    run: preparing needs the PyPI download), left alone when it holds prepared tasks; a given data_dir is never
+    written."""
+    import shutil
+
+    from recsys_slm.compress import pipeline
+    from recsys_slm.data import prepare
+
+    monkeypatch.setenv("RECSYS_SLM_HOME", str(tmp_path / "home"))
+    calls = []
+    monkeypatch.setattr(prepare, "prepare_dataset", lambda cfg: calls.append(cfg.resolved_out()))
+    values = _config(tmp_path / "t", tiny_data_dir, tmp_path / "run", tmp_path / "cache")
+    pipeline._Run(from_dict(CompressConfig, {**values, "data_dir": None}), None).ensure_default_data()
+    assert calls == [tmp_path / "home" / "data" / "movielens-100k"]
+    shutil.copytree(tiny_data_dir, tmp_path / "home" / "data" / "movielens-100k")  # prepared by the user
+    pipeline._Run(from_dict(CompressConfig, {**values, "data_dir": None}), None).ensure_default_data()
+    pipeline._Run(from_dict(CompressConfig, values), None).ensure_default_data()
+    assert len(calls) == 1
