@@ -10,7 +10,9 @@ stopped with SIGINT, as an operator would):
 
 1. **Per variant** (a one-variant server each): the closed-loop levels of :mod:`bench.load_rank` (``--concurrency``
    clients, ``--requests`` requests or ``--duration`` s per level, 50-candidate bodies from the prepared data),
-   plus the server's start-up ``/profile``.
+   plus the server's start-up ``/profile``. These servers measure capacity, so they run with ``--capacity-set``
+   (default: latency admission off and no candidate truncation: every request scores all its candidates and
+   waits in the bounded queue instead of being shed or degraded for the SLO).
 2. **SLO pick** (all variants in one server): the variant the start-up profile chooses for the config's SLO
    (``slo.p99_ms`` at ``slo.candidates`` candidates), then an **overload run**: open-loop arrivals at
    ``--overload-factor`` × the chosen variant's measured capacity (its best closed-loop requests/s in step 1) for
@@ -137,6 +139,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=DIR[@QUALITY]",
                         help="repeat per variant")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra serve overrides")
+    parser.add_argument("--capacity-set", nargs="*", metavar="KEY=VALUE",
+                        default=["overload.latency_admission=false", "overload.degrade_max_candidates=null"],
+                        help="overrides of the per-variant (capacity) servers only")
     parser.add_argument("--candidates", type=int, default=50)
     parser.add_argument("--concurrency", type=int, nargs="*", default=[1, 4, 8])
     parser.add_argument("--requests", type=int, default=16, help="requests per closed-loop level (upper bound)")
@@ -162,6 +167,7 @@ def main(argv: list[str] | None = None) -> dict:
         "machine": machine_info(),
         "config": str(args.config),
         "overrides": base,
+        "capacity_overrides": args.capacity_set,
         "candidates": args.candidates,
         "slo": {"p99_ms": cfg.slo.p99_ms, "candidates": cfg.slo.candidates, "concurrency": cfg.slo.concurrency},
         "variants": {},
@@ -179,8 +185,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     for name, path in variants:
         print(f"[serving_report] variant {name}: {path}", flush=True)
-        server = Server(args.config, base + [_variants_override([(name, path)])], args.logs / f"{name}.log",
-                        args.start_timeout)  # fmt: skip
+        server = Server(args.config, base + args.capacity_set + [_variants_override([(name, path)])],
+                        args.logs / f"{name}.log", args.start_timeout)  # fmt: skip
         with server as url:
             profile = _get(f"{url}/profile")
             report["variants"][name] = {"model": path.partition("@")[0], "ready_s": server.ready_s, "profile": profile,
