@@ -94,8 +94,8 @@ class Server:
         time.sleep(3.0)  # let Ray's workers finish exiting
         left = [p.info["cmdline"][:3] for p in psutil.process_iter(["cmdline"])
                 if _pgid(p.pid) == pgid]  # fmt: skip
-        if code is None or left:
-            os.killpg(pgid, signal.SIGKILL) if left or code is None else None
+        if code is None or left:  # never leave a stray server behind the benchmark
+            os.killpg(pgid, signal.SIGKILL)
         self.fh.close()
         self.shutdown = {"cmd": " ".join(self.cmd), "exit_code": code, "processes_left": len(left),
                          "left": left[:5], "ready_s": getattr(self, "ready_s", None)}  # fmt: skip
@@ -201,8 +201,7 @@ def main(argv: list[str] | None = None) -> dict:
         capacity = max(level["throughput_rps"] or 0.0 for level in report["variants"][chosen]["levels"])
         rate = args.overload_factor * capacity
         n = max(1, int(rate * args.overload_duration))
-        overload = open_loop(f"{url}/rank", (bodies * (n // len(bodies) + 1))[:n], rate, n, args.overload_duration,
-                             args.timeout)  # fmt: skip
+        overload = open_loop(f"{url}/rank", bodies, rate, n, args.overload_duration, args.timeout)
         p99 = overload.get("p99_ms")
         overload.update(capacity_rps=capacity, factor=args.overload_factor,
                         admitted_p99_within_slo=(p99 is not None and p99 <= cfg.slo.p99_ms))  # fmt: skip

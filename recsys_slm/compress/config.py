@@ -269,12 +269,11 @@ class CompressConfig:
             path = _find_file(str(source))
             check(path is not None, "teacher_train.config", f"file {source} does not exist")
             data, _ = load_config_data(path)
-            data.pop("out", None)
-            data.pop("data_dir", None)
+            data.pop("out", None)  # the teacher file's own output dir: the teacher key (or its default) wins
         data = merge_dicts(data, section)
-        data["data_dir"] = str(self.resolved_data_dir())
-        if self.teacher.strip():
-            data["out"] = expand_model_spec(self.teacher)
+        data["data_dir"] = fixed["data_dir"]
+        if fixed["out"] is not None:
+            data["out"] = fixed["out"]
         resolved = from_dict(TeacherTrainConfig, data, prefix="teacher_train.")
         plain = config_to_dict(resolved)
         plain["out"] = str(resolved.resolved_out())
