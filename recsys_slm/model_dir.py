@@ -9,6 +9,7 @@ config, the parent directory, metrics and the code version.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -171,3 +172,34 @@ def read_manifest(directory: str | Path) -> dict[str, Any] | None:
         return json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path} is not valid JSON: {exc}") from None
+
+
+def config_hash(*parts: Any) -> str:
+    """16 hex digits of the SHA-256 of ``parts`` as canonical JSON (the key of a resumable stage or cell)."""
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def model_identity(spec: str) -> dict[str, Any]:
+    """A model's identity for hashes: a directory's resolved path, its manifest's creation time and its
+    config.json's mtime (a retrained model in the same place changes it); a packaged name or hub id as given."""
+    path = Path(spec).expanduser()
+    if not path.is_dir():
+        return {"spec": spec}
+    manifest = read_manifest(path) or {}
+    config = path / "config.json"
+    return {
+        "spec": str(path.resolve()),
+        "created": manifest.get("created"),
+        "config_mtime_ns": config.stat().st_mtime_ns if config.is_file() else None,
+    }
+
+
+def data_identity(data_dir: str | Path) -> dict[str, Any]:
+    """A prepared data directory's identity: path plus the mtime of its ``summary.json`` (rewritten by every
+    ``data prepare``), so re-prepared data redoes what used it."""
+    summary = Path(data_dir) / "summary.json"
+    return {
+        "data_dir": str(data_dir),
+        "summary_mtime_ns": summary.stat().st_mtime_ns if summary.is_file() else None,
+    }

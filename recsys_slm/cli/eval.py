@@ -38,6 +38,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     rk.set_defaults(func=run_ranker)
     retriever_cmd.register_eval(esub)  # recsys-slm eval retrieval (recsys_slm/cli/retriever.py)
 
+    sy = esub.add_parser(
+        "system",
+        help="two-stage system eval: every retriever's top-k re-ranked by every ranker; NDCG/Recall@K over all users",
+        description="Writes OUT/{report.json,summary.md,two_stage.png,cells/} atomically; finished cells are reused "
+        "on a rerun. Definitions: docs/evaluation.md (two-stage system).",
+    )
+    sy.add_argument(
+        "--retriever", action="append", default=None, help="retriever directory or encoder; repeat"
+    )
+    sy.add_argument("--ranker", action="append", default=None, help="ranker model directory; repeat")
+    sy.add_argument("--out", default=None, help="output directory (replaced atomically)")
+    sy.add_argument(
+        "--data-dir", default=None, help="prepared data directory (default: the MovieLens-100K cache)"
+    )
+    add_config_args(sy, "k=20 dims=[768,64] max_queries=200")
+    sy.set_defaults(func=run_system)
+
 
 def _flag_values(args: argparse.Namespace) -> dict[str, Any]:
     """Flags given on the command line, as config fields (applied after --config and key=value overrides)."""
@@ -77,6 +94,32 @@ def run_ranker(args: argparse.Namespace) -> int:
         )
     print()
     print(text_table(report))
+    for note in report["notes"]:
+        print(f"  note: {note}")
+    print(f"\nwrote {cfg.out} ({', '.join(report['files'])})")
+    return 0
+
+
+def run_system(args: argparse.Namespace) -> int:
+    from recsys_slm.config import load_config
+    from recsys_slm.evaluation.two_stage import TwoStageConfig, evaluate_two_stage, text_rows
+
+    cfg = load_config(TwoStageConfig, args.config, args.overrides)
+    values: dict[str, Any] = {}
+    if args.retriever:
+        values["retrievers"] = list(cfg.retrievers) + list(args.retriever)
+    if args.ranker:
+        values["rankers"] = list(cfg.rankers) + list(args.ranker)
+    for key in ("out", "data_dir"):
+        if getattr(args, key) is not None:
+            values[key] = Path(getattr(args, key))
+    cfg = dataclasses.replace(cfg, **values)
+    report = evaluate_two_stage(cfg)
+    header, rows = text_rows(report)
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    print("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)))
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)))
     for note in report["notes"]:
         print(f"  note: {note}")
     print(f"\nwrote {cfg.out} ({', '.join(report['files'])})")

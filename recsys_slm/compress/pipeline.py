@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import calendar
 import copy
-import hashlib
 import json
 import shutil
 import time
@@ -50,10 +49,13 @@ from recsys_slm.model_dir import (
     MANIFEST_NAME,
     OUTPUT_MARKER,
     atomic_dir,
+    config_hash,
+    data_identity,
     read_manifest,
     write_json_atomic,
     write_manifest,
 )
+from recsys_slm.model_dir import model_identity as base_model_identity
 from recsys_slm.prune.pruner import PruneConfig, prune
 from recsys_slm.training.loop import work_dir
 
@@ -66,12 +68,6 @@ REGROW_DIR = "02_regrow"
 TEACHER_STAGE = "00_teacher"
 # Keys that do not change what a stage computes: left out of its config hash.
 HASH_EXCLUDE = frozenset({"device", "progress", "eval_batch_size", "keep_checkpoints", "log_every", "resume"})
-
-
-def config_hash(*parts: Any) -> str:
-    """16 hex digits of the SHA-256 of ``parts`` as canonical JSON."""
-    text = json.dumps(parts, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _hashable(config: dict[str, Any]) -> dict[str, Any]:
@@ -88,32 +84,14 @@ def _token(record: dict[str, Any]) -> dict[str, Any]:
 
 
 def model_identity(spec: str) -> dict[str, Any]:
-    """A model directory's identity for hashes: path plus its manifest's creation time (or config.json's mtime);
-    a packaged name or hub id as given."""
-    path = Path(spec).expanduser()
-    if not path.is_dir():
-        return {"spec": spec}
-    manifest = read_manifest(path) or {}
-    config = path / "config.json"
-    record = manifest.get(RECORD_KEY) or {}
-    return {
-        "spec": str(path.resolve()),
-        "created": manifest.get("created"),
+    """:func:`recsys_slm.model_dir.model_identity` plus the compress record of a directory a compress run wrote."""
+    identity = base_model_identity(spec)
+    if Path(spec).expanduser().is_dir():
+        record = (read_manifest(Path(spec).expanduser()) or {}).get(RECORD_KEY) or {}
         # a 00_teacher record only marks who trained / adopted the teacher (its creation time already changes when
         # it is retrained): adopting a teacher must not redo the runs that used it before
-        "record": record.get("config_hash") if record.get("stage") != TEACHER_STAGE else None,
-        "config_mtime_ns": config.stat().st_mtime_ns if config.is_file() else None,
-    }
-
-
-def data_identity(data_dir: Path) -> dict[str, Any]:
-    """A prepared data directory's identity: path plus the mtime of its ``summary.json`` (rewritten by every
-    ``data prepare``), so re-prepared data redoes the stages."""
-    summary = Path(data_dir) / "summary.json"
-    return {
-        "data_dir": str(data_dir),
-        "summary_mtime_ns": summary.stat().st_mtime_ns if summary.is_file() else None,
-    }
+        identity["record"] = record.get("config_hash") if record.get("stage") != TEACHER_STAGE else None
+    return identity
 
 
 def _write_record(directory: Path, record: dict[str, Any]) -> None:
