@@ -45,6 +45,7 @@ from recsys_slm.model_dir import (
 )
 
 CELL_FILE = "cell.json"
+SKIPPED_FILE = "skipped.json"
 RETRIEVER_ORDER = "retriever_order"
 ORACLE = "oracle"
 
@@ -60,7 +61,8 @@ class TwoStageConfig:
         out (Path | None): output directory (replaced atomically). Required.
         data_dir (Path | None): prepared data; default ``$RECSYS_SLM_HOME/data/movielens-100k``.
         k (int): candidates retrieved per user, re-ranked by the ranker. Default 20.
-        dims (list[int]): Matryoshka dims of each retriever; [] = its full dim only. Default [].
+        dims (list[int]): Matryoshka dims of each retriever; [] = its full dim only; a dim above a retriever's
+            width is skipped with a note. Default [].
         index (str): faiss factory string of the retrieval index. Default Flat.
         split (str): val or test (leave-one-out targets of ``tasks/candidates/<split>.parquet``). Default test.
         max_queries (int | None): first N users only (CPU budgets). Default None.
@@ -149,7 +151,7 @@ def evaluate_two_stage(config: TwoStageConfig) -> dict[str, Any]:
     """
     from recsys_slm.evaluation import report as report_mod
     from recsys_slm.evaluation.ranker_eval import RankerEvalConfig, evaluate_ranker
-    from recsys_slm.retriever.evaluate import retrieve_candidates
+    from recsys_slm.retriever.evaluate import DimensionError, retrieve_candidates
 
     check(len(config.retrievers) > 0, "retrievers", "required: at least one retriever (--retriever DIR)")
     check(config.out is not None, "out", "required: the output directory (--out DIR)")
@@ -171,17 +173,30 @@ def evaluate_two_stage(config: TwoStageConfig) -> dict[str, Any]:
     ranker_tags = _tags(config.rankers)
     rankers_info: dict[str, dict[str, Any]] = {}
 
+    def _retrieve(spec: str, dim: int | None, directory: Path) -> None:
+        try:
+            retrieve_candidates(
+                spec, data_dir, directory, k=config.k, dim=dim, index=config.index, split=config.split,
+                missing_target="drop", batch_size=config.encode_batch_size, device=config.device,
+                max_queries=config.max_queries, nprobe=config.nprobe, ef_search=config.ef_search,
+            )  # fmt: skip
+        except DimensionError as exc:  # remembered as a cell, so a rerun does not encode again to learn it
+            write_json_atomic(
+                directory / SKIPPED_FILE, {"reason": f"the model's embedding dimension is {exc.full}"}
+            )
+
     variants = [(spec, tag, d) for spec, tag in zip(config.retrievers, _tags(config.retrievers), strict=True)
                 for d in (config.dims or [None])]  # fmt: skip
     for spec, tag, dim in variants:
         r_key = {"retriever": model_identity(spec), "dim": dim, "k": config.k, "index": config.index,
                  "split": config.split, "max_queries": config.max_queries, "nprobe": config.nprobe,
                  "ef_search": config.ef_search, "data": data_id}  # fmt: skip
-        cand = _cell(work, previous, "retrieval", r_key, lambda d, spec=spec, dim=dim: retrieve_candidates(
-            spec, data_dir, d, k=config.k, dim=dim, index=config.index, split=config.split, missing_target="drop",
-            batch_size=config.encode_batch_size, device=config.device, max_queries=config.max_queries,
-            nprobe=config.nprobe, ef_search=config.ef_search,
-        ))  # fmt: skip
+        cand = _cell(
+            work, previous, "retrieval", r_key, lambda d, spec=spec, dim=dim: _retrieve(spec, dim, d)
+        )
+        if (cand / SKIPPED_FILE).is_file():  # as in eval retrieval: a dim above this model's width is skipped
+            notes.append(f"{tag}: dim {dim} skipped ({_read_json(cand / SKIPPED_FILE)['reason']})")
+            continue
         stats = _read_json(cand / "retrieval.json")
         vtag = tag if dim is None else f"{tag}@{stats['dim']}"
         factor = float(stats["system_metric_factor"] or 0.0)

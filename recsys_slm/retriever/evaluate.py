@@ -819,6 +819,14 @@ def plot_pareto(
 # ---------------------------------------------------------------------------------------------- two-stage
 
 
+class DimensionError(ValueError):
+    """A Matryoshka dim above the encoder's width; ``full`` is the width."""
+
+    def __init__(self, message: str, full: int) -> None:
+        super().__init__(message)
+        self.full = full
+
+
 @dataclass
 class RetrieveCandidatesConfig:
     """``recsys-slm retriever candidates`` (arguments of :func:`retrieve_candidates`).
@@ -925,7 +933,7 @@ def retrieve_candidates(
     full = enc.items.shape[1]
     d = full if dim is None else int(dim)
     if d > full:
-        raise ValueError(f"dim={d} exceeds the model's embedding dimension {full}")
+        raise DimensionError(f"dim={d} exceeds the model's embedding dimension {full}", full)
     idx = RetrievalIndex.build(
         truncate(enc.items, d), item_ids, index, encoder_dir=enc.path if isinstance(enc.path, Path) else None,
         embedding_dim=full, nprobe=nprobe, ef_search=ef_search,

@@ -1,6 +1,6 @@
 """recsys-slm eval system on the tiny encoder + tiny LM + tiny data: the system metrics equal a naive per-user
-recomputation over all users (missed targets at 0), the oracle row equals the retriever's hit rate, finished
-cells are reused on a rerun, and bad input fails with a message naming the key or directory."""
+recomputation over all users (missed targets at 0), the oracle row equals the retriever's hit rate, a dim above
+the encoder's width is skipped with a note, finished cells are reused on a rerun, and bad input fails with a message naming the key or directory."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ KS = [1, 3, 10]
 def system_dir(tmp_path_factory, tiny_encoder_dir, tiny_lm_dir, tiny_data_dir):
     out = tmp_path_factory.mktemp("two_stage") / "system"
     code = main(["eval", "system", "--retriever", str(tiny_encoder_dir), "--ranker", str(tiny_lm_dir),
-                 "--out", str(out), "--data-dir", str(tiny_data_dir), "k=4", "dims=[64,8]", "ks=[1,3,10]",
+                 "--out", str(out), "--data-dir", str(tiny_data_dir), "k=4", "dims=[64,8,128]", "ks=[1,3,10]",
                  "device=cpu", "batch_size=8"])  # fmt: skip
     assert code == 0
     return out
@@ -48,6 +48,7 @@ def test_report_and_files(system_dir):
     report = json.loads((system_dir / "report.json").read_text())
     assert {"report.json", "summary.md", "two_stage.png"} <= {p.name for p in system_dir.iterdir()}
     assert [r["tag"] for r in report["retrievers"]] == ["model@64", "model@8"]
+    assert report["notes"] == ["model: dim 128 skipped (the model's embedding dimension is 64)"]
     kinds = {(g["retriever"], g["ranker"]): g["kind"] for g in report["grid"]}
     for tag in ("model@64", "model@8"):
         assert kinds[(tag, "retriever_order")] == "retriever_order" and kinds[(tag, "oracle")] == "oracle"
@@ -95,7 +96,7 @@ def test_rerun_reuses_every_cell(system_dir, tiny_encoder_dir, tiny_lm_dir, tiny
     monkeypatch.setattr(retriever_eval, "retrieve_candidates", fail)
     before = json.loads((system_dir / "report.json").read_text())
     cfg = TwoStageConfig(retrievers=[str(tiny_encoder_dir)], rankers=[str(tiny_lm_dir)], out=system_dir,
-                         data_dir=tiny_data_dir, k=4, dims=[64, 8], ks=KS, device="cpu", batch_size=8)  # fmt: skip
+                         data_dir=tiny_data_dir, k=4, dims=[64, 8, 128], ks=KS, device="cpu", batch_size=8)  # fmt: skip
     after = evaluate_two_stage(cfg)
     assert [g["system"] for g in after["grid"]] == [g["system"] for g in before["grid"]]
 
