@@ -52,7 +52,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     sy.add_argument(
         "--data-dir", default=None, help="prepared data directory (default: the MovieLens-100K cache)"
     )
-    add_config_args(sy, "k=20 dims=[768,64] max_queries=200")
+    add_config_args(sy, "k=20 dims=[null,64] max_queries=200")
     sy.set_defaults(func=run_system)
 
 

@@ -61,8 +61,8 @@ class TwoStageConfig:
         out (Path | None): output directory (replaced atomically). Required.
         data_dir (Path | None): prepared data; default ``$RECSYS_SLM_HOME/data/movielens-100k``.
         k (int): candidates retrieved per user, re-ranked by the ranker. Default 20.
-        dims (list[int]): Matryoshka dims of each retriever; [] = its full dim only; a dim above a retriever's
-            width is skipped with a note. Default [].
+        dims (list[int | None]): Matryoshka dims of each retriever, null = its full dim; [] = [null]; a dim
+            above a retriever's width is skipped with a note. Default [].
         index (str): faiss factory string of the retrieval index. Default Flat.
         split (str): val or test (leave-one-out targets of ``tasks/candidates/<split>.parquet``). Default test.
         max_queries (int | None): first N users only (CPU budgets). Default None.
@@ -80,7 +80,7 @@ class TwoStageConfig:
     out: Path | None = None
     data_dir: Path | None = None
     k: int = 20
-    dims: list[int] = field(default_factory=list)
+    dims: list[int | None] = field(default_factory=list)
     index: str = "Flat"
     split: Literal["val", "test"] = "test"
     max_queries: int | None = None
@@ -96,7 +96,9 @@ class TwoStageConfig:
     def __post_init__(self) -> None:
         validate_fields(self)
         check(self.k >= 1, "k", f"must be >= 1, got {self.k}")
-        check(all(d >= 1 for d in self.dims), "dims", f"must be positive, got {self.dims}")
+        check(
+            all(d is None or d >= 1 for d in self.dims), "dims", f"must be positive or null, got {self.dims}"
+        )
         check(len(self.ks) > 0 and all(k >= 1 for k in self.ks), "ks", f"needs cut-offs >= 1, got {self.ks}")
         check(len(set(self.ks)) == len(self.ks), "ks", f"cut-offs must be distinct, got {self.ks}")
         check(self.max_queries is None or self.max_queries > 0, "max_queries", "must be positive or null")

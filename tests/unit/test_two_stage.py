@@ -22,7 +22,7 @@ KS = [1, 3, 10]
 def system_dir(tmp_path_factory, tiny_encoder_dir, tiny_lm_dir, tiny_data_dir):
     out = tmp_path_factory.mktemp("two_stage") / "system"
     code = main(["eval", "system", "--retriever", str(tiny_encoder_dir), "--ranker", str(tiny_lm_dir),
-                 "--out", str(out), "--data-dir", str(tiny_data_dir), "k=4", "dims=[64,8,128]", "ks=[1,3,10]",
+                 "--out", str(out), "--data-dir", str(tiny_data_dir), "k=4", "dims=[null,8,128]", "ks=[1,3,10]",
                  "device=cpu", "batch_size=8"])  # fmt: skip
     assert code == 0
     return out
@@ -47,10 +47,10 @@ def _naive_system(pred: pd.DataFrame, score_col: str, users: list[str], k: int) 
 def test_report_and_files(system_dir):
     report = json.loads((system_dir / "report.json").read_text())
     assert {"report.json", "summary.md", "two_stage.png"} <= {p.name for p in system_dir.iterdir()}
-    assert [r["tag"] for r in report["retrievers"]] == ["model@64", "model@8"]
+    assert [r["tag"] for r in report["retrievers"]] == ["model", "model@8"]
     assert report["notes"] == ["model: dim 128 skipped (the model's embedding dimension is 64)"]
     kinds = {(g["retriever"], g["ranker"]): g["kind"] for g in report["grid"]}
-    for tag in ("model@64", "model@8"):
+    for tag in ("model", "model@8"):
         assert kinds[(tag, "retriever_order")] == "retriever_order" and kinds[(tag, "oracle")] == "oracle"
         assert kinds[(tag, "model")] == "ranker" and kinds[(tag, "popularity")] == "baseline"
     summary = (system_dir / "summary.md").read_text()
@@ -96,7 +96,7 @@ def test_rerun_reuses_every_cell(system_dir, tiny_encoder_dir, tiny_lm_dir, tiny
     monkeypatch.setattr(retriever_eval, "retrieve_candidates", fail)
     before = json.loads((system_dir / "report.json").read_text())
     cfg = TwoStageConfig(retrievers=[str(tiny_encoder_dir)], rankers=[str(tiny_lm_dir)], out=system_dir,
-                         data_dir=tiny_data_dir, k=4, dims=[64, 8, 128], ks=KS, device="cpu", batch_size=8)  # fmt: skip
+                         data_dir=tiny_data_dir, k=4, dims=[None, 8, 128], ks=KS, device="cpu", batch_size=8)  # fmt: skip
     after = evaluate_two_stage(cfg)
     assert [g["system"] for g in after["grid"]] == [g["system"] for g in before["grid"]]
 
@@ -106,6 +106,8 @@ def test_bad_input(tmp_path, tiny_encoder_dir, tiny_data_dir, capsys):
         evaluate_two_stage(TwoStageConfig(out=tmp_path / "o", data_dir=tiny_data_dir))
     with pytest.raises(ConfigError, match="ks"):
         TwoStageConfig(ks=[10, 10])
+    with pytest.raises(ConfigError, match="dims"):
+        TwoStageConfig(dims=[0])
     with pytest.raises(ConfigError, match="k"):
         TwoStageConfig(k=0)
     with pytest.raises(FileNotFoundError, match="tasks/candidates"):
