@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The MovieLens-100K retriever runs reported in docs/BENCHMARKS.md ("Two-tower retriever"), reduced for a 2-core
+# CPU: the mpnet teacher is fine-tuned on 960 sampled pairs (30 steps of 32; a full epoch is 1,672 steps ≈ 10 h
+# on this CPU), the MiniLM student distilled on 1,920 pairs (60 steps of 32). On a GPU drop max_pairs/max_steps.
+#
+#   bash bench/retriever_movielens.sh RANKER_TEACHER_DIR COMPRESSED_RANKER_DIR [RUNS_DIR]
+#
+# The two ranker directories are for the two-stage grid (e.g. runs/teacher_v2 and runs/compress_full/03_redistill).
+# Each step is skipped when its output exists, so a rerun continues where a previous one stopped.
+set -euo pipefail
+RANKER_T=${1:?usage: bench/retriever_movielens.sh RANKER_TEACHER_DIR COMPRESSED_RANKER_DIR [RUNS_DIR]}
+RANKER_S=${2:?usage: bench/retriever_movielens.sh RANKER_TEACHER_DIR COMPRESSED_RANKER_DIR [RUNS_DIR]}
+R=${3:-runs/retriever}
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+CLI="$ROOT/.venv/bin/recsys-slm"
+CFG="$ROOT/pipelines/configs/retriever"
+cd "$ROOT"
+mkdir -p "$R"
+LADDER='dims=[768,512,256,128,64,32]'
+INDEXES='indexes=[Flat,HNSW32,SQ8,"IVF32,Flat","IVF32,PQ16"]'
+
+# 1. The packaged encoders as they are (baselines): every Matryoshka dim × index.
+[ -f "$R/eval_base/report.json" ] || "$CLI" eval retrieval --model all-minilm-l6-v2 --model all-mpnet-base-v2 \
+    --out "$R/eval_base" "$LADDER" "$INDEXES"
+# 2. Teacher: all-mpnet-base-v2 fine-tuned with in-batch negatives + the Matryoshka ladder (reduced).
+[ -f "$R/mpnet_teacher/recsys_slm.json" ] || "$CLI" retriever train --config "$CFG/mpnet_teacher.yaml" \
+    --out "$R/mpnet_teacher" max_pairs=960 max_steps=30 batch_size=32 lr=5.0e-5
+# 3. Student: all-MiniLM-L6-v2 distilled from it (cosine embedding matching + listwise KL + contrastive).
+[ -f "$R/minilm_student/recsys_slm.json" ] || "$CLI" retriever distill --config "$CFG/minilm_student.yaml" \
+    --teacher "$R/mpnet_teacher" --out "$R/minilm_student" max_pairs=1920 max_steps=60 batch_size=32
+# 4. The sweep over all four encoders (one run, so the speeds compare).
+[ -f "$R/eval_full/report.json" ] || "$CLI" eval retrieval --model "$R/mpnet_teacher" --model "$R/minilm_student" \
+    --model all-minilm-l6-v2 --model all-mpnet-base-v2 --out "$R/eval_full" "$LADDER" "$INDEXES"
+# 5. Two-stage system: each retriever's top-20 (full dim and 64-d) re-ranked by the teacher and the compressed ranker.
+[ -f "$R/system/report.json" ] || "$CLI" eval system --retriever "$R/mpnet_teacher" --retriever "$R/minilm_student" \
+    --ranker "$RANKER_T" --ranker "$RANKER_S" --out "$R/system" k=20 'dims=[null,64]' max_queries=200
