@@ -42,7 +42,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``recsys-slm`` console script; returns the exit status."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # argparse stops collecting the trailing KEY=VALUE overrides at the first option after them
+    # (`... max_records=512 --backend ray ray.actors=2`) and would reject the rest; take those as overrides too.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = list(args.overrides or []) + extra
+        else:
+            parser.parse_args(argv)  # the standard "unrecognized arguments" error (exit 2)
     return run_guarded(lambda: args.func(args))
 
 

@@ -53,6 +53,22 @@ def test_data_prepare_bad_override_is_a_config_error(recbole_dir, tmp_path, caps
     assert not (tmp_path / "o").exists()
 
 
+def test_options_after_overrides(recbole_dir, tmp_path, capsys):
+    # argparse alone rejects "KEY=VALUE --flag KEY=VALUE"; main() takes the later KEY=VALUE as overrides too
+    out = tmp_path / "prepared"
+    code = main(["data", "prepare", "pointwise.history_len=1", "--source", str(recbole_dir), "--out", str(out),
+                 "candidates.num_negatives=2", "--dataset", "movielens-100k", "pointwise.max_records=3"])
+    assert code == 0
+    config = (out / "config.yaml").read_text()
+    assert "history_len: 1" in config and "num_negatives: 2" in config and "max_records: 3" in config
+    # anything else after an option is still an argparse error naming it
+    with pytest.raises(SystemExit) as exc:
+        main(["data", "prepare", "--out", str(tmp_path / "o"), "a=1", "--source", str(recbole_dir), "stray"])
+    assert exc.value.code == 2 and "unrecognized arguments: stray" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["models", "list", "x=1"])  # a command without overrides
+
+
 def _write_logs(folder, interactions, items):
     folder.mkdir()
     interactions.to_parquet(folder / "interactions.parquet")
