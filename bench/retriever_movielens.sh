@@ -33,4 +33,4 @@ INDEXES='indexes=[Flat,HNSW32,SQ8,"IVF32,Flat","IVF32,PQ16"]'
     --model all-minilm-l6-v2 --model all-mpnet-base-v2 --out "$R/eval_full" "$LADDER" "$INDEXES"
 # 5. Two-stage system: each retriever's top-20 (full dim and 64-d) re-ranked by the teacher and the compressed ranker.
 [ -f "$R/system/report.json" ] || "$CLI" eval system --retriever "$R/mpnet_teacher" --retriever "$R/minilm_student" \
-    --ranker "$RANKER_T" --ranker "$RANKER_S" --out "$R/system" k=20 'dims=[null,64]' max_queries=200
+    --ranker "$RANKER_T" --ranker "$RANKER_S" --out "$R/system" k=20 'dims=[null,64]' max_queries=100

@@ -12,14 +12,19 @@ items are drawn with Zipf-like popularity, ratings 1–5, timestamps strictly in
 the generator holds one file's rows at a time and checks every file with
 :func:`recsys_slm.data.schema.validate_log` before writing it.
 
-``--bench`` runs, for each prefix of the files holding about N rows, in a fresh local Ray (``--cpus``):
+``--bench`` runs, for each prefix of the files holding about N rows, in one local Ray session (``--cpus``):
 
 * ``validate``: read + per-batch schema validation (stage 1 of :mod:`recsys_slm.distributed.ingest`), streamed to
   the driver with ``iter_batches`` and counted (nothing kept);
 * ``records``: stages 1 + 2 written as pointwise records (:func:`~recsys_slm.distributed.ingest.ingest_records`),
 
-recording rows/s, the driver's peak RSS, the peak summed RSS of every process of the Ray session (sampled every
-0.25 s) and the peak object-store use. Output: one JSON line per run and ``OUT/bench.json``.
+recording rows/s, the driver's peak RSS during that run, the peak summed RSS of every process of the Ray session
+(both sampled every 0.25 s) and the peak object-store use. ``--store-budget-mb`` caps Ray Data's object-store
+budget (``DataContext.execution_options.resource_limits``; Ray's default is a fraction of the object store, which
+a few-million-row log never reaches, so without a cap the blocks read ahead of a slow consumer simply pile up):
+with a cap, a streaming read's memory is set by the cap, not by the log's size. The ``records`` stage groups by
+user (an all-to-all shuffle), so its memory grows with the data by nature; Ray spills it to disk past the object
+store. Output: one JSON line per run and ``OUT/bench.json``.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import sys
 import threading
 import time
@@ -119,6 +125,7 @@ class _Sampler:
         import psutil
 
         self.proc, self.interval, self.peak_all, self.peak_store = psutil.Process(), interval, 0, 0.0
+        self.peak_driver = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -128,6 +135,10 @@ class _Sampler:
 
         while not self._stop.is_set():
             total = 0
+            try:
+                self.peak_driver = max(self.peak_driver, self.proc.memory_info().rss)
+            except psutil.Error:
+                pass
             for p in [self.proc, *self.proc.children(recursive=True)]:
                 try:
                     total += p.memory_info().rss
@@ -163,7 +174,9 @@ def _prefix(files: list[Path], rows: int) -> list[Path]:
     return chosen
 
 
-def bench(out: Path, sizes: list[int], cpus: int, history_len: int) -> list[dict]:
+def bench(
+    out: Path, sizes: list[int], cpus: int, history_len: int, store_budget_mb: float | None = None
+) -> list[dict]:
     """Ingestion rows/s and memory per log size (see the module docstring)."""
     import ray
 
@@ -180,6 +193,12 @@ def bench(out: Path, sizes: list[int], cpus: int, history_len: int) -> list[dict
     files = sorted((out / "interactions").glob("part-*.parquet"))
     results = []
     with ray_session(RayConfig(num_cpus=cpus), out / "bench.ray") as session:
+        if store_budget_mb is not None:
+            from ray.data import DataContext, ExecutionResources
+
+            DataContext.get_current().execution_options.resource_limits = ExecutionResources(
+                object_store_memory=store_budget_mb * 2**20
+            )
         for size in sizes:
             chosen = [str(f) for f in _prefix(files, size)]
             rows = count_rows(*resolve_files(chosen))
@@ -198,16 +217,20 @@ def bench(out: Path, sizes: list[int], cpus: int, history_len: int) -> list[dict
                         extra = {}
                     else:
                         target = out / "bench_records" / f"{size}"
+                        shutil.rmtree(
+                            target, ignore_errors=True
+                        )  # else ingest_records reuses an earlier run's output
                         summary = ingest_records(cfg, target)
                         extra = {"records": summary["records"]}
                 seconds = time.perf_counter() - start
                 result = {
                     "stage": stage, "rows": rows, "files": len(chosen), "seconds": round(seconds, 2),
                     "rows_per_s": round(rows / seconds, 1), **extra,
-                    "driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+                    "driver_peak_rss_mb": round(sampler.peak_driver / 2**20, 1),
+                    "driver_max_rss_so_far_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
                     "all_processes_peak_rss_mb": round(sampler.peak_all / 2**20, 1),
                     "object_store_peak_mb": round(sampler.peak_store / 2**20, 1),
-                    "cpus": cpus, "ray_init_s": session.init_s,
+                    "cpus": cpus, "ray_init_s": session.init_s, "store_budget_mb": store_budget_mb,
                 }  # fmt: skip
                 print(json.dumps(result), flush=True)
                 results.append(result)
@@ -229,6 +252,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpus", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--history-len", type=int, default=10)
     parser.add_argument("--reuse", action="store_true", help="skip generation when OUT/interactions exists")
+    parser.add_argument(
+        "--store-budget-mb", type=float, default=None, help="cap Ray Data's object-store budget"
+    )
     args = parser.parse_args(argv)
     if not (args.reuse and (args.out / "interactions").is_dir()):
         users = args.users or max(10, args.rows // 100)
@@ -237,7 +263,13 @@ def main(argv: list[str] | None = None) -> int:
             json.dumps(generate(args.out, args.rows, args.files, users, items, args.seed, args.single_file))
         )
     if args.bench:
-        bench(args.out, [int(x) for x in args.bench.split(",")], args.cpus, args.history_len)
+        bench(
+            args.out,
+            [int(x) for x in args.bench.split(",")],
+            args.cpus,
+            args.history_len,
+            args.store_budget_mb,
+        )
     return 0
 
 
