@@ -184,7 +184,8 @@ def run_eval(args: argparse.Namespace) -> int:
     print()
     print(text_table(report))
     for s in report["skipped"]:
-        print(f"  skipped {s['index']} at dim {s['dim']} ({s['model']}): {s['reason']}")
+        what = f"{s['index']} at dim {s['dim']}" if s["index"] else f"dim {s['dim']}"
+        print(f"  skipped {what} ({s['model']}): {s['reason']}")
     for note in report["notes"]:
         print(f"  note: {note}")
     print(f"\nwrote {cfg.out} ({', '.join(f for f in report['files'] if not f.startswith('runs/'))})")
