@@ -175,7 +175,13 @@ def _prefix(files: list[Path], rows: int) -> list[Path]:
 
 
 def bench(
-    out: Path, sizes: list[int], cpus: int, history_len: int, store_budget_mb: float | None = None
+    out: Path,
+    sizes: list[int],
+    cpus: int,
+    history_len: int,
+    store_budget_mb: float | None = None,
+    object_store_mb: float | None = None,
+    stages: tuple[str, ...] = ("validate", "records"),
 ) -> list[dict]:
     """Ingestion rows/s and memory per log size (see the module docstring)."""
     import ray
@@ -192,7 +198,7 @@ def bench(
 
     files = sorted((out / "interactions").glob("part-*.parquet"))
     results = []
-    with ray_session(RayConfig(num_cpus=cpus), out / "bench.ray") as session:
+    with ray_session(RayConfig(num_cpus=cpus, object_store_mb=object_store_mb), out / "bench.ray") as session:
         if store_budget_mb is not None:
             from ray.data import DataContext, ExecutionResources
 
@@ -204,7 +210,7 @@ def bench(
             rows = count_rows(*resolve_files(chosen))
             cfg = IngestConfig(interactions=chosen, items=str(out / "items.parquet"), users=str(out / "users.parquet"),
                                history_len=history_len, rating_scale=(1, 5))  # fmt: skip
-            for stage in ("validate", "records"):
+            for stage in stages:
                 start = time.perf_counter()
                 with _Sampler() as sampler:
                     if stage == "validate":
@@ -231,6 +237,7 @@ def bench(
                     "all_processes_peak_rss_mb": round(sampler.peak_all / 2**20, 1),
                     "object_store_peak_mb": round(sampler.peak_store / 2**20, 1),
                     "cpus": cpus, "ray_init_s": session.init_s, "store_budget_mb": store_budget_mb,
+                    "object_store_mb": object_store_mb,
                 }  # fmt: skip
                 print(json.dumps(result), flush=True)
                 results.append(result)
@@ -255,6 +262,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--store-budget-mb", type=float, default=None, help="cap Ray Data's object-store budget"
     )
+    parser.add_argument(
+        "--object-store-mb", type=float, default=None, help="object-store size of the local Ray"
+    )
+    parser.add_argument(
+        "--stages", default="validate,records", help="validate, records or both (comma-separated)"
+    )
     args = parser.parse_args(argv)
     if not (args.reuse and (args.out / "interactions").is_dir()):
         users = args.users or max(10, args.rows // 100)
@@ -269,6 +282,8 @@ def main(argv: list[str] | None = None) -> int:
             args.cpus,
             args.history_len,
             args.store_budget_mb,
+            args.object_store_mb,
+            tuple(args.stages.split(",")),
         )
     return 0
 

@@ -26,6 +26,8 @@ class RayConfig:
         address (str | None): Ray address to join; None = ``$RAY_ADDRESS`` when set, else start a local Ray.
         num_cpus (int | None): CPUs a locally started Ray offers (None = all cores). Ignored when joining.
         num_gpus (int | None): GPUs a locally started Ray offers (None = all visible).
+        object_store_mb (float | None): object-store size of a locally started Ray in MiB (None = Ray's default,
+            30% of RAM; at least 75). Past it Ray spills objects to ``tmp_dir``. Ignored when joining.
         storage_path (str | None): Ray Train storage (checkpoints); a local path or any pyarrow URI
             (``s3://``, ``gs://``, NFS path). None = ``<out>.ray/storage``. Must be shared by all nodes on a cluster.
         tmp_dir (Path | None): a local Ray's temp dir (session logs, sockets, spilled objects);
@@ -58,6 +60,7 @@ class RayConfig:
     address: str | None = None
     num_cpus: int | None = None
     num_gpus: int | None = None
+    object_store_mb: float | None = None
     storage_path: str | None = None
     tmp_dir: Path | None = None
     scratch_dir: Path | None = None
@@ -88,6 +91,8 @@ class RayConfig:
             value = getattr(self, key)
             check(value is None or value >= 1, key, f"must be >= 1 or null, got {value}")
         check(self.num_gpus is None or self.num_gpus >= 0, "num_gpus", f"must be >= 0, got {self.num_gpus}")
+        check(self.object_store_mb is None or self.object_store_mb >= 75, "object_store_mb",
+              f"must be >= 75 (Ray's minimum) or null, got {self.object_store_mb}")  # fmt: skip
         check(not (self.comm == "nccl" and not self.use_gpu), "comm", "nccl needs GPUs: set ray.use_gpu=true")
 
     def backend_name(self) -> str:

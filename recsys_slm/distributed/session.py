@@ -127,6 +127,7 @@ def ray_session(cfg: RayConfig, run_dir: Path) -> Iterator[SessionInfo]:
         ray.init(
             num_cpus=cfg.num_cpus,
             num_gpus=cfg.num_gpus,
+            object_store_memory=int(cfg.object_store_mb * 2**20) if cfg.object_store_mb else None,
             _temp_dir=str(ray_tmp),
             include_dashboard=False,
             logging_level=logging.WARNING,

@@ -38,6 +38,8 @@ def test_backend_errors_name_the_key(tmp_path):
         load_with_backend(DistillConfig, None, ["teacher=t", "backend=ray", "ray.nodes=2"])
     with pytest.raises(ConfigError, match=r"ray\.comm.*nccl needs GPUs"):
         load_with_backend(DistillConfig, None, ["teacher=t", "backend=ray", "ray.comm=nccl"])
+    with pytest.raises(ConfigError, match=r"ray\.object_store_mb': must be >= 75"):
+        load_with_backend(DistillConfig, None, ["teacher=t", "backend=ray", "ray.object_store_mb=10"])
 
 
 def test_ingesting_scorer_defaults_its_task_next_to_out():
