@@ -5,7 +5,7 @@
 For every model (a trained retriever directory, a packaged encoder name or any sentence-transformers directory):
 
 1. the item texts and the query (user) texts are encoded once at full dimension (timed: encoder texts/s);
-2. for every dim of ``dims`` (``[]`` = full only; dims above the model's are skipped) the embeddings are truncated
+2. for every dim of ``dims`` (``[]`` = full only; a dim above the model's means its full dim) the embeddings are truncated
    to the first ``dim`` coordinates and re-normalised — exactly ``SentenceTransformer(path, truncate_dim=dim)``
    followed by L2 normalisation;
 3. for every index of ``indexes`` a :class:`~recsys_slm.retriever.index.RetrievalIndex` is built (timed), every
@@ -72,7 +72,8 @@ class RetrievalEvalConfig:
         split (str): ``leave_one_out`` (targets of ``tasks/candidates/<eval_split>``) or ``temporal`` (liked
             records of ``tasks/pointwise/<eval_split>``). Default leave_one_out.
         eval_split (str): ``test`` or ``val``. Default test.
-        dims (list[int]): Matryoshka dims to evaluate; [] = each model's full dim only. Default [].
+        dims (list[int]): Matryoshka dims to evaluate; [] = each model's full dim only; a dim above a model's
+            width is evaluated at its full width (and listed under ``skipped``). Default [].
         layers (list[int]): also evaluate each model cut to its first N transformer layers (2D Matryoshka /
             adaptive-layer models; BERT-style ``encoder.layer`` stacks), reported as ``<model>@<N>L``. Default [].
         indexes (list[str]): faiss factory strings. Default Flat, HNSW32, SQ8, IVF32,Flat, IVF32,PQ16.
@@ -528,7 +529,9 @@ def evaluate_retrieval(config: RetrievalEvalConfig) -> dict[str, Any]:
         targets = frame["target_item_id"].tolist()
         users = frame["user_id"].tolist()
         full = enc.items.shape[1]
-        dims = [d for d in (config.dims or [full]) if d <= full]
+        # a dim above this model's width stands for its full width: a ladder such as [768, ..., 32] sweeps a
+        # 384-d MiniLM at 384, ..., 32 next to a 768-d mpnet
+        dims = list(dict.fromkeys(min(d, full) for d in config.dims)) or [full]
         for d in config.dims:
             if d > full:
                 skipped.append({"model": spec, "dim": d, "index": None, "reason": f"model dim is {full}"})
