@@ -20,11 +20,11 @@ the generator holds one file's rows at a time and checks every file with
 
 recording rows/s, the driver's peak RSS during that run, the peak summed RSS of every process of the Ray session
 (both sampled every 0.25 s) and the peak object-store use. ``--store-budget-mb`` caps Ray Data's object-store
-budget (``DataContext.execution_options.resource_limits``; Ray's default is a fraction of the object store, which
-a few-million-row log never reaches, so without a cap the blocks read ahead of a slow consumer simply pile up):
-with a cap, a streaming read's memory is set by the cap, not by the log's size. The ``records`` stage groups by
-user (an all-to-all shuffle), so its memory grows with the data by nature; Ray spills it to disk past the object
-store. Output: one JSON line per run and ``OUT/bench.json``.
+budget (``DataContext.execution_options.resource_limits``) and ``--object-store-mb`` the local Ray's object store;
+``--stages`` picks the runs. Measured on a 2M-row log (docs/BENCHMARKS.md): neither cap keeps the driver's memory
+flat yet (313 MB at 0.5M rows, 527 MB at 2M in fresh processes); the cause is not found. The ``records`` stage
+groups by user (an all-to-all shuffle), so its memory grows with the data by nature; Ray spills it to disk past
+the object store. Output: one JSON line per run and ``OUT/bench.json``.
 """
 
 from __future__ import annotations

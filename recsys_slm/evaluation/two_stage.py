@@ -3,7 +3,8 @@
 Users run retrieval → ranking as one system, so the number that matters is the metric of the final list over
 *all* held-out users, for every pairing of a retriever stage with a ranker stage (e.g. teacher vs compressed
 retriever × teacher vs compressed ranker). For each retriever variant (model × Matryoshka dim) the retriever's
-top-``k`` per leave-one-out query is written as a candidate task (:func:`recsys_slm.retriever.retrieve_candidates`,
+top-``k`` per leave-one-out query is written as a candidate task (the retriever encoded once, then
+:func:`recsys_slm.retriever.evaluate.write_candidates` per dim,
 ``missing_target=drop``); every ranker re-ranks it (:func:`recsys_slm.evaluation.ranker_eval.evaluate_ranker`),
 as do the classical baselines and the retriever's own order. A user whose target the retriever missed scores 0
 at every cut-off, so with one query per user
@@ -105,6 +106,9 @@ class TwoStageConfig:
         for key in ("batch_size", "encode_batch_size"):
             check(getattr(self, key) > 0, key, f"must be > 0, got {getattr(self, key)}")
 
+    def resolved_data_dir(self) -> Path:
+        return Path(self.data_dir) if self.data_dir is not None else cache_home() / "data" / "movielens-100k"
+
 
 def _tags(specs: list[str]) -> list[str]:
     """Short unique names: the directory / spec basename, suffixed ``-2``, ``-3`` ... on a clash."""
@@ -153,13 +157,11 @@ def evaluate_two_stage(config: TwoStageConfig) -> dict[str, Any]:
     """
     from recsys_slm.evaluation import report as report_mod
     from recsys_slm.evaluation.ranker_eval import RankerEvalConfig, evaluate_ranker
-    from recsys_slm.retriever.evaluate import DimensionError, retrieve_candidates
+    from recsys_slm.retriever.evaluate import DimensionError, encode_candidate_source, write_candidates
 
     check(len(config.retrievers) > 0, "retrievers", "required: at least one retriever (--retriever DIR)")
     check(config.out is not None, "out", "required: the output directory (--out DIR)")
-    data_dir = (
-        Path(config.data_dir) if config.data_dir is not None else cache_home() / "data" / "movielens-100k"
-    )
+    data_dir = config.resolved_data_dir()
     if not (data_dir / "tasks" / "candidates").is_dir():
         raise FileNotFoundError(
             f"data_dir {data_dir} holds no tasks/candidates/; run recsys-slm data prepare or pass --data-dir DIR"
@@ -175,13 +177,19 @@ def evaluate_two_stage(config: TwoStageConfig) -> dict[str, Any]:
     ranker_tags = _tags(config.rankers)
     rankers_info: dict[str, dict[str, Any]] = {}
 
+    # one encoding per retriever, shared by its dims (variants come grouped by retriever: keep only the current one)
+    sources: dict[str, Any] = {}
+
     def _retrieve(spec: str, dim: int | None, directory: Path) -> None:
-        try:
-            retrieve_candidates(
-                spec, data_dir, directory, k=config.k, dim=dim, index=config.index, split=config.split,
-                missing_target="drop", batch_size=config.encode_batch_size, device=config.device,
-                max_queries=config.max_queries, nprobe=config.nprobe, ef_search=config.ef_search,
+        if spec not in sources:
+            sources.clear()
+            sources[spec] = encode_candidate_source(
+                spec, data_dir, split=config.split, batch_size=config.encode_batch_size, device=config.device,
+                max_queries=config.max_queries,
             )  # fmt: skip
+        try:
+            write_candidates(sources[spec], directory, k=config.k, dim=dim, index=config.index,
+                             missing_target="drop", nprobe=config.nprobe, ef_search=config.ef_search)  # fmt: skip
         except DimensionError as exc:  # remembered as a cell, so a rerun does not encode again to learn it
             write_json_atomic(
                 directory / SKIPPED_FILE, {"reason": f"the model's embedding dimension is {exc.full}"}

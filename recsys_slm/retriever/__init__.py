@@ -6,7 +6,8 @@ Submodules:
     train: :class:`RetrieverTrainConfig`, :func:`train_retriever`, :func:`distill_retriever`.
     losses: :class:`ListwiseKLLoss`, :class:`RetrieverDistillLoss`, :func:`listwise_kl`, :func:`inbatch_margin_mse`.
     index: :class:`RetrievalIndex`, :class:`IndexMismatchError`, :func:`check_factory`.
-    evaluate: :class:`RetrievalEvalConfig`, :func:`evaluate_retrieval`, :func:`retrieve_candidates`.
+    evaluate: :class:`RetrievalEvalConfig`, :func:`evaluate_retrieval`, :func:`retrieve_candidates` (=
+        :func:`encode_candidate_source` + :func:`write_candidates`).
 
 Names are re-exported lazily so importing this package does not import faiss, torch or sentence-transformers.
 Guide: ``docs/retriever.md``.
@@ -37,6 +38,8 @@ _EXPORTS = {
     "RetrievalEvalConfig": "evaluate",
     "evaluate_retrieval": "evaluate",
     "retrieve_candidates": "evaluate",
+    "encode_candidate_source": "evaluate",
+    "write_candidates": "evaluate",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -879,6 +879,51 @@ class RetrieveCandidatesConfig:
         )  # fmt: skip
 
 
+@dataclass
+class CandidateSource:
+    """A retriever's encodings of the catalogue and of the leave-one-out queries: computed once, then cut into
+    candidate tasks at any dim / index by :func:`write_candidates` (the two-stage grid reuses it across dims)."""
+
+    model: str
+    data_dir: Path
+    split: Literal["val", "test"]
+    enc: EncodedModel
+    queries: Queries
+    item_ids: list[str]
+
+
+def encode_candidate_source(
+    model: str,
+    data_dir: str | Path,
+    *,
+    split: Literal["val", "test"] = "test",
+    texts: RetrieverTextConfig | None = None,
+    batch_size: int = 64,
+    device: str = "auto",
+    max_queries: int | None = None,
+) -> CandidateSource:
+    """Encode the catalogue (non-placeholder items) and the retrievable leave-one-out targets of ``split``."""
+    from recsys_slm.data.schema import InteractionLog
+
+    data_dir = Path(data_dir)
+    log = InteractionLog.load(data_dir)
+    cfg = RetrievalEvalConfig(
+        models=[model], data_dir=data_dir, eval_split=split, exclude_seen="all",
+        texts=texts or RetrieverTextConfig(), batch_size=batch_size, device=device, max_queries=max_queries,
+    )  # fmt: skip
+    like_threshold = resolve_like_threshold(cfg.texts, data_dir)
+    real = log.items[~log.items["is_placeholder"].to_numpy(dtype=bool)]
+    item_ids = [str(i) for i in real["item_id"]]
+    retrievable = set(item_ids)
+
+    def queries_for(t: RetrieverTexts) -> Queries:
+        qs = eval_queries(log, t, data_dir, "leave_one_out", split, "all", max_queries)
+        return qs.subset(qs.frame["target_item_id"].isin(retrievable).to_numpy())
+
+    enc, queries = encode_model(model, log, queries_for, item_ids, cfg, like_threshold)
+    return CandidateSource(model, data_dir, split, enc, queries, item_ids)
+
+
 def retrieve_candidates(
     model: str,
     data_dir: str | Path,
@@ -896,7 +941,8 @@ def retrieve_candidates(
     nprobe: int = 8,
     ef_search: int = 64,
 ) -> dict[str, Any]:
-    """Stage 1 of the two-stage system: the retriever's top-``k`` as a candidate task the ranker eval accepts.
+    """Stage 1 of the two-stage system: the retriever's top-``k`` as a candidate task the ranker eval accepts
+    (:func:`encode_candidate_source` then :func:`write_candidates`).
 
     Queries are the leave-one-out targets of ``DATA/tasks/candidates/<split>.parquet``; the retrieved list
     excludes every item the user interacted with (and duplicate listings), as the candidate task's negatives do.
@@ -914,25 +960,32 @@ def retrieve_candidates(
     Returns:
         dict: the content of ``retrieval.json``.
     """
-    from recsys_slm.data.schema import InteractionLog
+    source = encode_candidate_source(model, data_dir, split=split, texts=texts, batch_size=batch_size,
+                                     device=device, max_queries=max_queries)  # fmt: skip
+    return write_candidates(source, out, k=k, dim=dim, index=index, missing_target=missing_target, nprobe=nprobe,
+                            ef_search=ef_search)  # fmt: skip
+
+
+def write_candidates(
+    source: CandidateSource,
+    out: str | Path,
+    *,
+    k: int = 50,
+    dim: int | None = None,
+    index: str = "Flat",
+    missing_target: Literal["drop", "append"] = "drop",
+    nprobe: int = 8,
+    ef_search: int = 64,
+) -> dict[str, Any]:
+    """Write the candidate task of :func:`retrieve_candidates` from an encoded ``source`` at ``dim``.
+
+    Raises:
+        DimensionError: ``dim`` is above the encoder's width.
+    """
     from recsys_slm.retriever.index import RetrievalIndex
 
-    data_dir = Path(data_dir)
-    log = InteractionLog.load(data_dir)
-    cfg = RetrievalEvalConfig(
-        models=[model], out=Path(out), data_dir=data_dir, eval_split=split, exclude_seen="all",
-        texts=texts or RetrieverTextConfig(), batch_size=batch_size, device=device, max_queries=max_queries,
-    )  # fmt: skip
-    like_threshold = resolve_like_threshold(cfg.texts, data_dir)
-    real = log.items[~log.items["is_placeholder"].to_numpy(dtype=bool)]
-    item_ids = [str(i) for i in real["item_id"]]
-    retrievable = set(item_ids)
-
-    def queries_for(t: RetrieverTexts) -> Queries:
-        qs = eval_queries(log, t, data_dir, "leave_one_out", split, "all", max_queries)
-        return qs.subset(qs.frame["target_item_id"].isin(retrievable).to_numpy())
-
-    enc, queries = encode_model(model, log, queries_for, item_ids, cfg, like_threshold)
+    model, data_dir, split = source.model, source.data_dir, source.split
+    enc, queries, item_ids = source.enc, source.queries, source.item_ids
     full = enc.items.shape[1]
     d = full if dim is None else int(dim)
     if d > full:

@@ -94,6 +94,8 @@ def test_rerun_reuses_every_cell(system_dir, tiny_encoder_dir, tiny_lm_dir, tiny
 
     monkeypatch.setattr(ranker_eval, "evaluate_ranker", fail)
     monkeypatch.setattr(retriever_eval, "retrieve_candidates", fail)
+    monkeypatch.setattr(retriever_eval, "encode_candidate_source", fail)
+    monkeypatch.setattr(retriever_eval, "write_candidates", fail)
     before = json.loads((system_dir / "report.json").read_text())
     cfg = TwoStageConfig(retrievers=[str(tiny_encoder_dir)], rankers=[str(tiny_lm_dir)], out=system_dir,
                          data_dir=tiny_data_dir, k=4, dims=[None, 8, 128], ks=KS, device="cpu", batch_size=8)  # fmt: skip
@@ -116,3 +118,20 @@ def test_bad_input(tmp_path, tiny_encoder_dir, tiny_data_dir, capsys):
     code = main(["eval", "system", "--retriever", str(tiny_encoder_dir), "--out", str(tmp_path / "o2"),
                  "--data-dir", str(tiny_data_dir), "nope=1"])  # fmt: skip
     assert code != 0 and "nope" in capsys.readouterr().err
+
+
+def test_each_retriever_is_encoded_once_for_all_its_dims(tmp_path, tiny_encoder_dir, tiny_data_dir, monkeypatch):
+    import recsys_slm.retriever.evaluate as retriever_eval
+
+    calls = []
+    real = retriever_eval.encode_candidate_source
+
+    def counted(*args, **kwargs):
+        calls.append(args[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(retriever_eval, "encode_candidate_source", counted)
+    report = evaluate_two_stage(TwoStageConfig(retrievers=[str(tiny_encoder_dir)], out=tmp_path / "o",
+                                               data_dir=tiny_data_dir, k=4, dims=[None, 8], ks=KS, device="cpu",
+                                               baselines=False))  # fmt: skip
+    assert calls == [str(tiny_encoder_dir)] and [r["tag"] for r in report["retrievers"]] == ["model", "model@8"]
