@@ -12,19 +12,22 @@ items are drawn with Zipf-like popularity, ratings 1–5, timestamps strictly in
 the generator holds one file's rows at a time and checks every file with
 :func:`recsys_slm.data.schema.validate_log` before writing it.
 
-``--bench`` runs, for each prefix of the files holding about N rows, in one local Ray session (``--cpus``):
+``--bench`` runs, for each prefix of the files holding about N rows, in a local Ray session (``--cpus``):
 
 * ``validate``: read + per-batch schema validation (stage 1 of :mod:`recsys_slm.distributed.ingest`), streamed to
   the driver with ``iter_batches`` and counted (nothing kept);
 * ``records``: stages 1 + 2 written as pointwise records (:func:`~recsys_slm.distributed.ingest.ingest_records`),
 
-recording rows/s, the driver's peak RSS during that run, the peak summed RSS of every process of the Ray session
-(both sampled every 0.25 s) and the peak object-store use. ``--store-budget-mb`` caps Ray Data's object-store
-budget (``DataContext.execution_options.resource_limits``) and ``--object-store-mb`` the local Ray's object store;
-``--stages`` picks the runs. Measured on a 2M-row log (docs/BENCHMARKS.md): neither cap keeps the driver's memory
-flat yet (313 MB at 0.5M rows, 527 MB at 2M in fresh processes); the cause is not found. The ``records`` stage
-groups by user (an all-to-all shuffle), so its memory grows with the data by nature; Ray spills it to disk past
-the object store. Output: one JSON line per run and ``OUT/bench.json``.
+recording rows/s, the driver's peak private memory (USS) and RSS during that run (RSS also counts the
+object-store pages the driver maps), the peak summed RSS of every process of the Ray session (all sampled every
+0.25 s) and the peak object-store use. Each size runs in a fresh process unless ``--same-process``.
+``--store-budget-mb`` caps Ray Data's object-store budget (``DataContext.execution_options.resource_limits``) and
+``--object-store-mb`` the local Ray's object store; ``--stages`` picks the runs. Measured on a 2M-row log
+(docs/BENCHMARKS.md): validation keeps the driver's private memory flat (204 → 214 MB from 0.5M to 2M rows) and
+the object store under 50 MB. The ``records`` stage groups by user (an all-to-all shuffle), so its object-store
+use grows with the data by nature; Ray spills it to disk past the object store.
+
+Output: one JSON line per run and ``OUT/bench.json``.
 """
 
 from __future__ import annotations
@@ -126,6 +129,7 @@ class _Sampler:
 
         self.proc, self.interval, self.peak_all, self.peak_store = psutil.Process(), interval, 0, 0.0
         self.peak_driver = 0
+        self.peak_driver_uss = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -136,7 +140,9 @@ class _Sampler:
         while not self._stop.is_set():
             total = 0
             try:
-                self.peak_driver = max(self.peak_driver, self.proc.memory_info().rss)
+                full = self.proc.memory_full_info()
+                self.peak_driver = max(self.peak_driver, full.rss)
+                self.peak_driver_uss = max(self.peak_driver_uss, full.uss)
             except psutil.Error:
                 pass
             for p in [self.proc, *self.proc.children(recursive=True)]:
@@ -232,6 +238,7 @@ def bench(
                 result = {
                     "stage": stage, "rows": rows, "files": len(chosen), "seconds": round(seconds, 2),
                     "rows_per_s": round(rows / seconds, 1), **extra,
+                    "driver_peak_uss_mb": round(sampler.peak_driver_uss / 2**20, 1),
                     "driver_peak_rss_mb": round(sampler.peak_driver / 2**20, 1),
                     "driver_max_rss_so_far_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
                     "all_processes_peak_rss_mb": round(sampler.peak_all / 2**20, 1),
@@ -268,6 +275,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--stages", default="validate,records", help="validate, records or both (comma-separated)"
     )
+    parser.add_argument(
+        "--same-process", action="store_true", help="all sizes in one Ray session (default: a fresh process each)"
+    )
     args = parser.parse_args(argv)
     if not (args.reuse and (args.out / "interactions").is_dir()):
         users = args.users or max(10, args.rows // 100)
@@ -276,16 +286,40 @@ def main(argv: list[str] | None = None) -> int:
             json.dumps(generate(args.out, args.rows, args.files, users, items, args.seed, args.single_file))
         )
     if args.bench:
-        bench(
-            args.out,
-            [int(x) for x in args.bench.split(",")],
-            args.cpus,
-            args.history_len,
-            args.store_budget_mb,
-            args.object_store_mb,
-            tuple(args.stages.split(",")),
-        )
+        sizes = [int(x) for x in args.bench.split(",")]
+        if len(sizes) > 1 and not args.same_process:
+            bench_fresh(args, sizes, argv if argv is not None else sys.argv[1:])
+        else:
+            bench(args.out, sizes, args.cpus, args.history_len, args.store_budget_mb, args.object_store_mb,
+                  tuple(args.stages.split(",")))  # fmt: skip
     return 0
+
+
+def bench_fresh(args, sizes: list[int], argv: list[str]) -> list[dict]:
+    """Each size in its own Python process (so no run inherits another's memory high-water mark)."""
+    import subprocess
+
+    results = []
+    for size in sizes:
+        cmd = [sys.executable, "-m", "bench.synthetic_log", *_without_bench(argv), "--reuse", "--bench", str(size)]
+        subprocess.run(cmd, check=True, cwd=Path(__file__).resolve().parent.parent)
+        results += json.loads((args.out / "bench.json").read_text())
+    for r in results:
+        r["process"] = "fresh per size"
+    (args.out / "bench.json").write_text(json.dumps(results, indent=1))
+    return results
+
+
+def _without_bench(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--bench":
+            skip = True
+        elif not a.startswith("--bench="):
+            out.append(a)
+    return out
 
 
 if __name__ == "__main__":

@@ -11,6 +11,13 @@ every item of the batch, its own positive on the diagonal and the other rows' po
   Hofstätter et al. (``sentence_transformers`` ``MarginMSELoss``) over every in-batch negative instead of one
   mined negative.
 
+* **logQ-corrected in-batch softmax** — ``L = −(1/B) Σ_b log softmax_j(scale · cos(u_b, i_j) − log q_j)[b]``
+  with ``q_j`` the probability that item ``j`` appears as a positive (its share of the training pairs): the
+  sampling-bias correction of Yi et al. (RecSys 2019, "Sampling-Bias-Corrected Neural Modeling for Large Corpus
+  Item Recommendations"). In-batch negatives are drawn in proportion to popularity, so plain MNRL pushes popular
+  items down (it learns a pointwise mutual information, not the full softmax); subtracting ``log q_j`` removes
+  that bias, so the encoder keeps the popularity signal that a next-item Recall@K rewards.
+
 :class:`RetrieverDistillLoss` combines them with embedding matching (``MSELoss`` / ``EmbedDistillLoss`` of
 sentence-transformers, with a learnable ``Linear(d_s, d_t)`` projection when the widths differ; the projection is
 part of the loss, not of the saved student) and, optionally, the in-batch contrastive loss on the true pairs, over
@@ -60,6 +67,47 @@ def inbatch_margin_mse(student_u: Tensor, student_i: Tensor, teacher_u: Tensor, 
     if b < 2:
         return s.sum() * 0.0
     return ((ms - mt)[off] ** 2).mean()
+
+
+def logq_inbatch_ce(u: Tensor, i: Tensor, log_q: Tensor, scale: float = 20.0) -> Tensor:
+    """In-batch softmax cross-entropy with the logQ sampling-bias correction (see the module docstring).
+
+    Args:
+        u, i (Tensor (B, d)): user / positive-item embeddings (normalised here); row b's positive is i[b].
+        log_q (Tensor (B,)): log sampling probability of each row's positive item.
+        scale (float): 1 / temperature of the cosine similarities (MNRL's ``scale``).
+
+    Returns:
+        Tensor (): mean over rows of −log softmax_j(scale · cos(u_b, i_j) − log q_j) at j = b.
+    """
+    logits = scale * F.normalize(u, dim=-1) @ F.normalize(i, dim=-1).T - log_q.to(u.dtype)[None, :]
+    return F.cross_entropy(logits, torch.arange(len(u), device=u.device))
+
+
+class LogQCorrectedMNRLoss(nn.Module):
+    """MultipleNegativesRankingLoss with the logQ correction, as a sentence-transformers loss.
+
+    Inputs: (anchor, positive) text columns; ``labels`` (B,) = log q of each row's positive item (the training
+    pairs' item frequencies). Works inside ``MatryoshkaLoss`` (the embeddings come through ``embed_columns``).
+
+    Args:
+        model: the ``SentenceTransformer`` being trained.
+        scale (float): 1 / temperature. Default 20.
+    """
+
+    def __init__(self, model: Any, scale: float = 20.0):
+        super().__init__()
+        self.model = model
+        self.scale = scale
+
+    def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor) -> Tensor:
+        from sentence_transformers.base.losses.merged_forward import embed_columns
+
+        u, i = embed_columns(self.model, sentence_features)
+        return logq_inbatch_ce(u, i, labels.to(u.device), self.scale)
+
+    def get_config_dict(self) -> dict[str, Any]:
+        return {"scale": self.scale, "correction": "logQ (Yi et al. 2019)"}
 
 
 class ListwiseKLLoss(nn.Module):
@@ -122,6 +170,8 @@ class RetrieverDistillLoss(nn.Module):
         matryoshka_dims (Sequence[int] | None): dims at which the score and contrastive terms are applied to the
             truncated, re-normalised student embeddings (teacher at full dim). None = the student's full dim.
         matryoshka_weights (Sequence[float] | None): per-dim weights (default 1).
+        log_q (Tensor (P,) | None): each pair's item log sampling probability; given, the contrastive term is
+            logQ-corrected (:func:`logq_inbatch_ce`).
     """
 
     def __init__(
@@ -139,6 +189,7 @@ class RetrieverDistillLoss(nn.Module):
         scale: float = 20.0,
         matryoshka_dims: Sequence[int] | None = None,
         matryoshka_weights: Sequence[float] | None = None,
+        log_q: Tensor | None = None,
     ):
         super().__init__()
         from sentence_transformers.sentence_transformer.losses import EmbedDistillLoss, MSELoss
@@ -146,6 +197,7 @@ class RetrieverDistillLoss(nn.Module):
         self.model = model
         self.register_buffer("teacher_anchor", teacher_anchor.float(), persistent=False)
         self.register_buffer("teacher_positive", teacher_positive.float(), persistent=False)
+        self.register_buffer("log_q", None if log_q is None else log_q.float(), persistent=False)
         student_dim = int(model.get_embedding_dimension())
         teacher_dim = int(teacher_anchor.shape[1])
         projection = teacher_dim if teacher_dim != student_dim else None
@@ -186,6 +238,7 @@ class RetrieverDistillLoss(nn.Module):
             )
         score = u.new_zeros(())
         contrastive = u.new_zeros(())
+        log_q = self.log_q[idx].to(u.device) if self.log_q is not None else u.new_zeros(len(u))
         for d, w in zip(self.dims, self.weights, strict=True):
             su, si = F.normalize(u[:, :d], dim=-1), F.normalize(i[:, :d], dim=-1)
             if self.score_loss == "listwise_kl":
@@ -193,9 +246,7 @@ class RetrieverDistillLoss(nn.Module):
             elif self.score_loss == "margin_mse":
                 score = score + w * inbatch_margin_mse(su, si, t_u, t_i)
             if self.label_weight:
-                logits = self.scale * su @ si.T
-                target = torch.arange(len(su), device=su.device)
-                contrastive = contrastive + w * F.cross_entropy(logits, target)
+                contrastive = contrastive + w * logq_inbatch_ce(su, si, log_q, self.scale)
         if self.score_loss != "none" and self.score_weight:
             out["score"] = self.score_weight * score
         if self.label_weight:
@@ -213,5 +264,6 @@ class RetrieverDistillLoss(nn.Module):
             "temperature": self.temperature,
             "teacher_temperature": self.teacher_temperature,
             "label_weight": self.label_weight,
+            "logq_correction": self.log_q is not None,
             "matryoshka_dims": self.dims,
         }

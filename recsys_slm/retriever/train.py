@@ -161,6 +161,10 @@ class RetrieverTrainConfig:
         warmup_ratio (float): Default 0.1.
         weight_decay (float): Default 0.01.
         scale (float): MultipleNegativesRankingLoss scale (1 / temperature). Default 20.0.
+        logq_correction (bool): subtract log q_j (item j's share of the training pairs) from every in-batch logit,
+            the sampling-bias correction of Yi et al. (RecSys 2019): plain in-batch negatives penalise popular
+            items, which costs Recall@K on a popularity-skewed log. In distill it corrects the contrastive term
+            (``distill.label_weight``). Default False.
         max_seq_length (int | None): encoder token limit (user texts are cut at the end: disliked titles first).
             None = the model's own. Default 256.
         seed (int): Default 0.
@@ -187,6 +191,7 @@ class RetrieverTrainConfig:
     warmup_ratio: float = 0.1
     weight_decay: float = 0.01
     scale: float = 20.0
+    logq_correction: bool = False
     max_seq_length: int | None = 256
     seed: int = 0
     device: str = "auto"
@@ -381,11 +386,27 @@ def _save(model, cfg, stage: str, texts_cfg, ladder: list[int], metrics: dict, e
 # ---------------------------------------------------------------------------------------------- train
 
 
+def item_log_q(item_ids) -> np.ndarray:
+    """(P,) log of each pair's item share among the P pairs — the logQ correction's sampling probabilities."""
+    import pandas as pd
+
+    items = pd.Series(item_ids)
+    return np.log(items.map(items.value_counts(normalize=True)).to_numpy(dtype=np.float64))
+
+
 def build_train_loss(model, cfg: RetrieverTrainConfig) -> tuple[Any, list[int]]:
-    """MNRL, wrapped per ``cfg.matryoshka``; returns (loss, ladder)."""
+    """MNRL (logQ-corrected when ``cfg.logq_correction``), wrapped per ``cfg.matryoshka``; returns (loss, ladder).
+
+    With the correction the dataset's ``label`` column carries each pair's log q (:func:`item_log_q`).
+    """
     from sentence_transformers.sentence_transformer import losses
 
-    base = losses.MultipleNegativesRankingLoss(model, scale=cfg.scale)
+    from recsys_slm.retriever.losses import LogQCorrectedMNRLoss
+
+    if cfg.logq_correction:
+        base = LogQCorrectedMNRLoss(model, scale=cfg.scale)
+    else:
+        base = losses.MultipleNegativesRankingLoss(model, scale=cfg.scale)
     m = cfg.matryoshka
     dims, weights = m.ladder(int(model.get_embedding_dimension()))
     if dims and m.adaptive_layers:
@@ -418,7 +439,10 @@ def train_retriever(cfg: RetrieverTrainConfig) -> dict[str, Any]:
     data_dir, log, texts, texts_cfg, pairs = _prepare(cfg, cfg.texts)
     model = _load(cfg.model, cfg)
     loss, ladder = build_train_loss(model, cfg)
-    dataset = Dataset.from_dict({"anchor": pairs["anchor"].tolist(), "positive": pairs["positive"].tolist()})
+    columns = {"anchor": pairs["anchor"].tolist(), "positive": pairs["positive"].tolist()}
+    if cfg.logq_correction:
+        columns["label"] = item_log_q(pairs["item_id"]).tolist()
+    dataset = Dataset.from_dict(columns)
     with tempfile.TemporaryDirectory(prefix="recsys-slm-retriever-") as tmp:
         fit = _fit(model, _training_args(cfg, tmp), dataset, loss)
     model.eval()
@@ -508,6 +532,7 @@ def distill_retriever(cfg: RetrieverTrainConfig) -> dict[str, Any]:
         temperature=d.temperature, teacher_temperature=d.teacher_temperature,
         label_weight=d.label_weight, scale=cfg.scale,
         matryoshka_dims=ladder or None, matryoshka_weights=weights or None,
+        log_q=torch.from_numpy(item_log_q(pairs["item_id"])) if cfg.logq_correction else None,
     )  # fmt: skip
     dataset = Dataset.from_dict(
         {"anchor": anchors, "positive": pairs["positive"].tolist(), "label": list(range(len(pairs)))}

@@ -9,7 +9,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from recsys_slm.retriever.losses import ListwiseKLLoss, RetrieverDistillLoss, inbatch_margin_mse, listwise_kl
+from recsys_slm.retriever.losses import (
+    ListwiseKLLoss,
+    LogQCorrectedMNRLoss,
+    RetrieverDistillLoss,
+    inbatch_margin_mse,
+    listwise_kl,
+    logq_inbatch_ce,
+)
 
 
 def _unit(rng, b, d):
@@ -48,6 +55,36 @@ def _naive_margin_mse(su, si, tu, ti):
                 mt = dot(tu[r], ti[r]) - dot(tu[r], ti[j])
                 errs.append((ms - mt) ** 2)
     return sum(errs) / len(errs)
+
+
+def _naive_logq_ce(u, i, log_q, scale):
+    """Loops in Python floats: mean_b −log(exp(l_bb) / Σ_j exp(l_bj)), l_bj = scale·cos(u_b, i_j) − log q_j."""
+
+    def cos(a, c):
+        return sum(x * y for x, y in zip(a, c, strict=True)) / math.sqrt(
+            sum(x * x for x in a) * sum(y * y for y in c)
+        )
+
+    total = 0.0
+    for b in range(len(u)):
+        logits = [scale * cos(u[b], i[j]) - log_q[j] for j in range(len(i))]
+        total -= logits[b] - math.log(sum(math.exp(v) for v in logits))
+    return total / len(u)
+
+
+@pytest.mark.parametrize("scale", [1.0, 20.0])
+def test_logq_inbatch_ce_matches_naive_reference_and_reduces_to_mnrl(scale):
+    rng = np.random.default_rng(3)
+    u, i = rng.standard_normal((5, 7)), rng.standard_normal((5, 7))  # unnormalised: the loss normalises
+    log_q = np.log(np.array([0.4, 0.1, 0.05, 0.3, 0.15]))
+    ref = _naive_logq_ce(u.tolist(), i.tolist(), log_q.tolist(), scale)
+    t = [torch.tensor(a, dtype=torch.float64) for a in (u, i, log_q)]
+    assert logq_inbatch_ce(t[0], t[1], t[2], scale).item() == pytest.approx(ref, abs=1e-12)
+    # a uniform q shifts every logit equally: plain in-batch CE (MNRL)
+    uniform = torch.full((5,), math.log(0.2), dtype=torch.float64)
+    plain = F.cross_entropy(scale * F.normalize(t[0], dim=-1) @ F.normalize(t[1], dim=-1).T, torch.arange(5))
+    assert logq_inbatch_ce(t[0], t[1], uniform, scale).item() == pytest.approx(plain.item(), abs=1e-12)
+    assert ref != pytest.approx(plain.item())  # a skewed q does change it
 
 
 @pytest.mark.parametrize("tau_s,tau_t", [(0.05, None), (0.1, 0.03), (1.0, 2.0)])
@@ -123,5 +160,23 @@ def test_loss_modules_on_a_tiny_encoder(tiny_encoder_dir):
         20.0 * F.normalize(u[:, :16], dim=-1) @ F.normalize(i[:, :16], dim=-1).T, torch.arange(4)
     )
     assert parts["contrastive"].item() == pytest.approx(0.5 * want_ce.item(), abs=1e-4)
+    log_q = torch.log(torch.tensor([0.5, 0.2, 0.2, 0.1]))
+    corrected = RetrieverDistillLoss(
+        model, teacher[:, 0], teacher[:, 1], embedding_loss="none", score_loss="none", label_weight=0.5,
+        matryoshka_dims=[64, 16], log_q=log_q,
+    )([dict(f) for f in feats], torch.tensor([0, 1, 2, 3]))  # fmt: skip
+    want_q = sum(
+        logq_inbatch_ce(F.normalize(u[:, :d], dim=-1), F.normalize(i[:, :d], dim=-1), log_q, 20.0) for d in (64, 16)
+    )
+    assert set(corrected) == {"contrastive"}
+    assert corrected["contrastive"].item() == pytest.approx(0.5 * want_q.item(), abs=1e-4)
+    model.eval()
+    got = LogQCorrectedMNRLoss(model, scale=20.0)([dict(f) for f in feats], log_q)
+    assert got.item() == pytest.approx(logq_inbatch_ce(u, i, log_q, 20.0).item(), abs=1e-5)
+    from sentence_transformers.sentence_transformer.losses import MatryoshkaLoss
+
+    ladder = MatryoshkaLoss(model, LogQCorrectedMNRLoss(model, scale=20.0), [64, 16])
+    want = logq_inbatch_ce(u, i, log_q, 20.0) + logq_inbatch_ce(u[:, :16], i[:, :16], log_q, 20.0)
+    assert ladder([dict(f) for f in feats], log_q).item() == pytest.approx(want.item(), abs=1e-4)
     with pytest.raises(ValueError, match="must lie in 1..64"):
         RetrieverDistillLoss(model, teacher[:, 0], teacher[:, 1], matryoshka_dims=[128])

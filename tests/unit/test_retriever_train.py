@@ -7,12 +7,14 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from recsys_slm.cli import main
 from recsys_slm.config import ConfigError, load_config
 from recsys_slm.model_dir import read_manifest
-from recsys_slm.retriever.train import MatryoshkaConfig, RetrieverTrainConfig, build_train_loss
+from recsys_slm.retriever.losses import LogQCorrectedMNRLoss
+from recsys_slm.retriever.train import MatryoshkaConfig, RetrieverTrainConfig, build_train_loss, item_log_q
 
 COMMON = ["batch_size=8", "lr=1e-3", "device=cpu", "log_every=1", "max_seq_length=64"]
 
@@ -41,7 +43,7 @@ def _load_outside(path, *dims):
 def trained(tmp_path_factory, tiny_encoder_dir, tiny_data_dir):
     out = tmp_path_factory.mktemp("retriever") / "teacher"
     code = main(["retriever", "train", "--model", str(tiny_encoder_dir), "--data-dir", str(tiny_data_dir),
-                 "--out", str(out), "max_steps=3", "matryoshka.dims=[768,64,32,16]", *COMMON])  # fmt: skip
+                 "--out", str(out), "max_steps=3", "matryoshka.dims=[768,64,32,16]", "logq_correction=true", *COMMON])  # fmt: skip
     assert code == 0
     return out
 
@@ -55,7 +57,7 @@ def test_train_writes_a_loadable_matryoshka_model(trained, capsys):
     m = manifest["metrics"]
     assert m["steps"] == 3 and m["pairs"] > 10 and m["s_per_step"] > 0
     assert set(m["val"]) == {"queries", "d64", "d32", "d16"} and 0 <= m["val"]["d16"]["recall@10"] <= 1
-    assert manifest["config"]["max_steps"] == 3
+    assert manifest["config"]["max_steps"] == 3 and manifest["config"]["logq_correction"] is True
     got = _load_outside(trained, 16, 64)
     assert got == {"shapes": {"16": [2, 16], "64": [2, 64]}, "recsys_slm_imported": False}
 
@@ -132,3 +134,6 @@ def test_ladder_and_loss_choice(tiny_encoder_dir):
         cfg = RetrieverTrainConfig(matryoshka={"dims": list(dims), "adaptive_layers": adaptive})
         loss, got = build_train_loss(model, cfg)
         assert isinstance(loss, cls) and got == list(dims)
+    loss, _ = build_train_loss(model, RetrieverTrainConfig(logq_correction=True, matryoshka={"dims": [64, 32]}))
+    assert isinstance(loss, losses.MatryoshkaLoss) and isinstance(loss.loss, LogQCorrectedMNRLoss)
+    assert item_log_q(["a", "b", "a", "c"]) == pytest.approx(np.log([0.5, 0.25, 0.5, 0.25]))
