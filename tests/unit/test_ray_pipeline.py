@@ -135,6 +135,21 @@ def test_ingestion_errors_name_the_file_and_column(ray_local, log_dir, tiny_data
     assert dropped["dropped"] == {"unknown_item": 2} and dropped["records"] < 90
 
 
+def test_read_file_batches_streams_each_file_in_bounded_batches(log_dir):
+    """The ingestion reader (no Ray needed): every row once, in batches of at most batch_rows, tagged by file."""
+    import pyarrow.fs as pafs
+
+    from recsys_slm.distributed.ingest import PATH_COLUMN, read_file_batches
+
+    files = sorted(str(p) for p in log_dir.glob("*.parquet"))
+    batches = list(read_file_batches({PATH_COLUMN: np.array(files)}, pafs.LocalFileSystem(), batch_rows=7))
+    assert all(len(b) <= 7 for b in batches) and len(batches) == sum(-(-len(pd.read_parquet(f)) // 7) for f in files)
+    for f in files:
+        got = pd.concat([b for b in batches if b[PATH_COLUMN].iloc[0] == f], ignore_index=True)
+        assert set(got[PATH_COLUMN]) == {f}
+        pd.testing.assert_frame_equal(got.drop(columns=PATH_COLUMN), pd.read_parquet(f))
+
+
 @pytest.fixture(scope="module")
 def ray_cache(ray_local, records, log_dir, teacher_dir, tiny_data_dir, tmp_path_factory) -> dict:
     """The Ray-scored cache of the log's records (already ingested there: reused): the first run stops after
