@@ -35,6 +35,11 @@ def cache_home() -> Path:
     return Path(os.environ.get("RECSYS_SLM_HOME", Path.home() / ".cache" / "recsys_slm")).expanduser()
 
 
+def data_dir_or_default(data_dir: str | Path | None) -> Path:
+    """``data_dir``, or the prepared MovieLens-100K default ``$RECSYS_SLM_HOME/data/movielens-100k`` when None."""
+    return Path(data_dir) if data_dir is not None else cache_home() / "data" / "movielens-100k"
+
+
 @contextlib.contextmanager
 def atomic_dir(target: str | Path, overwrite: bool = True) -> Iterator[Path]:
     """Yield a temporary directory that replaces ``target`` only if the block finishes without error.

@@ -40,7 +40,7 @@ from recsys_slm.config import (
     validate_fields,
 )
 from recsys_slm.data.prompts import PromptConfig
-from recsys_slm.model_dir import cache_home
+from recsys_slm.model_dir import cache_home, data_dir_or_default
 
 STAGES = ("01_distill", "02_prune", "03_redistill")
 # --from-stage accepts these (stage directory names, their short names, and the two steps after the stages)
@@ -283,7 +283,7 @@ class CompressConfig:
         return Path(self.out) if self.out is not None else cache_home() / "runs" / "compress" / "run"
 
     def resolved_data_dir(self) -> Path:
-        return Path(self.data_dir) if self.data_dir is not None else cache_home() / "data" / "movielens-100k"
+        return data_dir_or_default(self.data_dir)
 
 
 # ----------------------------------------------------------------------------------------- section helpers

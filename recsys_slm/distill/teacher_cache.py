@@ -208,14 +208,14 @@ def score_task(cfg: TeacherScoreConfig, progress: bool = True) -> dict:
     from recsys_slm.device import resolve_device
     from recsys_slm.distill.cross_tokenizer import ignored_ids
     from recsys_slm.evaluation.ranker_eval import resolve_prompt
-    from recsys_slm.model_dir import cache_home, read_manifest
+    from recsys_slm.model_dir import data_dir_or_default, read_manifest
     from recsys_slm.models.loading import load_causal_lm
     from recsys_slm.ranker.ranker import Ranker, RankerConfig
 
     out = Path(cfg.out).expanduser().resolve()
     frame = read_task(cfg.task, cfg.max_records)
     frame = frame.drop(columns=[c for c in TEACHER_COLUMNS if c in frame.columns])  # re-scoring a cache
-    data_dir = cfg.data_dir if cfg.data_dir is not None else cache_home() / "data" / "movielens-100k"
+    data_dir = data_dir_or_default(cfg.data_dir)
     log = InteractionLog.load(data_dir)
     device = resolve_device(cfg.device)
     manifest = read_manifest(cfg.model) if Path(str(cfg.model)).expanduser().is_dir() else None

@@ -29,7 +29,7 @@ from recsys_slm.data.prompts import PromptConfig
 from recsys_slm.distill.objective import TOKEN_LOSSES, ObjectiveConfig, RankerObjective
 from recsys_slm.distill.on_policy import OnPolicyConfig
 from recsys_slm.distill.student import StudentConfig
-from recsys_slm.model_dir import cache_home
+from recsys_slm.model_dir import cache_home, data_dir_or_default
 from recsys_slm.training.loop import (
     LoopConfig,
     LoopHooks,
@@ -97,7 +97,7 @@ class DistillConfig(LoopConfig):
         )
 
     def resolved_data_dir(self) -> Path:
-        return self.data_dir if self.data_dir is not None else cache_home() / "data" / "movielens-100k"
+        return data_dir_or_default(self.data_dir)
 
     def resolved_out(self) -> Path:
         return self.out if self.out is not None else cache_home() / "runs" / "distill" / "student"

@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from recsys_slm.config import check, validate_fields
-from recsys_slm.model_dir import cache_home
+from recsys_slm.model_dir import data_dir_or_default
 
 SOURCE_LABELLED = "labelled"
 SOURCE_TEACHER = "teacher_labelled"
@@ -59,7 +59,7 @@ class TransferSetConfig:
         check(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
 
     def resolved_data_dir(self) -> Path:
-        return self.data_dir if self.data_dir is not None else cache_home() / "data" / "movielens-100k"
+        return data_dir_or_default(self.data_dir)
 
 
 def labelled_train_records(data_dir: Path, max_records: int | None = None, seed: int = 0) -> tuple[pd.DataFrame, int]:

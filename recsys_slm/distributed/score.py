@@ -120,7 +120,7 @@ class _ShardScorer:
         from recsys_slm.device import resolve_device
         from recsys_slm.distill.cross_tokenizer import ignored_ids
         from recsys_slm.distributed.ingest import load_catalog
-        from recsys_slm.model_dir import cache_home, read_manifest
+        from recsys_slm.model_dir import data_dir_or_default, read_manifest
         from recsys_slm.models.loading import load_causal_lm
         from recsys_slm.ranker.ranker import Ranker, RankerConfig
 
@@ -128,9 +128,7 @@ class _ShardScorer:
             os.chdir(cwd)  # relative paths in the config mean what they meant on the driver
         torch.set_num_threads(threads)
         self.cfg, self.parts = cfg, Path(parts)
-        data_dir = Path(
-            cfg.data_dir if cfg.data_dir is not None else cache_home() / "data" / "movielens-100k"
-        )
+        data_dir = data_dir_or_default(cfg.data_dir)
         users = data_dir / "users.parquet"
         catalog = load_catalog(str(data_dir / "items.parquet"), str(users) if users.exists() else None)
         device = resolve_device(cfg.device)
@@ -299,13 +297,11 @@ def score_task_ray(
     from recsys_slm.distributed.ingest import IngestConfig, finished_ingest, ingest_records
     from recsys_slm.distributed.session import check_fits, cluster_totals, ray_session, unwrap_ray_error
     from recsys_slm.evaluation.ranker_eval import resolve_prompt
-    from recsys_slm.model_dir import cache_home, read_manifest
+    from recsys_slm.model_dir import data_dir_or_default, read_manifest
 
     out = Path(cfg.out).expanduser().resolve()
     run_dir = out.parent / f"{out.name}.ray"
-    data_dir = Path(
-        cfg.data_dir if cfg.data_dir is not None else cache_home() / "data" / "movielens-100k"
-    ).resolve()
+    data_dir = data_dir_or_default(cfg.data_dir).resolve()
     cfg = replace(cfg, data_dir=data_dir)
     manifest = read_manifest(cfg.model) if Path(str(cfg.model)).expanduser().is_dir() else None
     prompt, prompt_source = resolve_prompt(cfg.prompt, manifest)

@@ -37,9 +37,9 @@ from recsys_slm.data.prompts import PromptConfig
 from recsys_slm.metrics.ranking import ranking_metrics
 from recsys_slm.model_dir import (
     atomic_dir,
-    cache_home,
     code_version,
     config_hash,
+    data_dir_or_default,
     data_identity,
     model_identity,
     write_json_atomic,
@@ -63,7 +63,8 @@ class TwoStageConfig:
         data_dir (Path | None): prepared data; default ``$RECSYS_SLM_HOME/data/movielens-100k``.
         k (int): candidates retrieved per user, re-ranked by the ranker. Default 20.
         dims (list[int | None]): Matryoshka dims of each retriever, null = its full dim; [] = [null]; a dim
-            above a retriever's width is skipped with a note. Default [].
+            above a retriever's width is skipped with a note (``null`` already asks for the full width; eval
+            retrieval instead evaluates such a dim at full width, because its ladder has no ``null``). Default [].
         index (str): faiss factory string of the retrieval index. Default Flat.
         split (str): val or test (leave-one-out targets of ``tasks/candidates/<split>.parquet``). Default test.
         max_queries (int | None): first N users only (CPU budgets). Default None.
@@ -107,7 +108,7 @@ class TwoStageConfig:
             check(getattr(self, key) > 0, key, f"must be > 0, got {getattr(self, key)}")
 
     def resolved_data_dir(self) -> Path:
-        return Path(self.data_dir) if self.data_dir is not None else cache_home() / "data" / "movielens-100k"
+        return data_dir_or_default(self.data_dir)
 
 
 def _tags(specs: list[str]) -> list[str]:
@@ -204,7 +205,7 @@ def evaluate_two_stage(config: TwoStageConfig) -> dict[str, Any]:
         cand = _cell(
             work, previous, "retrieval", r_key, lambda d, spec=spec, dim=dim: _retrieve(spec, dim, d)
         )
-        if (cand / SKIPPED_FILE).is_file():  # as in eval retrieval: a dim above this model's width is skipped
+        if (cand / SKIPPED_FILE).is_file():  # a dim above this model's width: null is its full-width cell
             notes.append(f"{tag}: dim {dim} skipped ({_read_json(cand / SKIPPED_FILE)['reason']})")
             continue
         stats = _read_json(cand / "retrieval.json")

@@ -24,7 +24,7 @@ import torch
 
 from recsys_slm.config import check, config_to_dict, expand_model_spec, validate_fields
 from recsys_slm.data.prompts import PromptConfig
-from recsys_slm.model_dir import cache_home
+from recsys_slm.model_dir import data_dir_or_default
 
 STAGE = "prune"
 
@@ -252,7 +252,7 @@ def prune(cfg: PruneConfig) -> dict[str, Any]:
     from recsys_slm.ranker.ranker import Ranker, RankerConfig
 
     device = resolve_device(cfg.device)
-    data_dir = cfg.data_dir if cfg.data_dir is not None else cache_home() / "data" / "movielens-100k"
+    data_dir = data_dir_or_default(cfg.data_dir)
     manifest = read_manifest(cfg.model) if Path(cfg.model).expanduser().is_dir() else None
     prompt, _ = resolve_prompt(cfg.prompt, manifest)
     model, tokenizer = load_causal_lm(cfg.model, device=device, dtype=torch.float32)

@@ -38,7 +38,7 @@ import torch
 
 from recsys_slm.config import ConfigError, check, config_to_dict, validate_fields
 from recsys_slm.data.prompts import PromptConfig
-from recsys_slm.model_dir import atomic_dir, cache_home, write_manifest
+from recsys_slm.model_dir import atomic_dir, cache_home, data_dir_or_default, write_manifest
 from recsys_slm.models.layers import decoder_layers
 from recsys_slm.ranker.batching import EncodedRecords, collate, encode_records
 from recsys_slm.ranker.verbalizer import VerbalizerScorer
@@ -125,7 +125,7 @@ class TeacherTrainConfig(LoopConfig):
         )
 
     def resolved_data_dir(self) -> Path:
-        return self.data_dir if self.data_dir is not None else cache_home() / "data" / "movielens-100k"
+        return data_dir_or_default(self.data_dir)
 
     def resolved_out(self) -> Path:
         if self.out is not None:

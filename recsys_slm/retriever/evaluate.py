@@ -40,7 +40,13 @@ import pandas as pd
 
 from recsys_slm.config import check, config_to_dict, from_dict, validate_fields
 from recsys_slm.metrics.ranking import candidate_ranks, mrr_at_k, ndcg_at_k, per_user_mean, recall_at_k
-from recsys_slm.model_dir import atomic_dir, cache_home, code_version, read_manifest, write_json_atomic
+from recsys_slm.model_dir import (
+    atomic_dir,
+    code_version,
+    data_dir_or_default,
+    read_manifest,
+    write_json_atomic,
+)
 from recsys_slm.retriever.texts import (
     ExcludeSeen,
     Queries,
@@ -151,7 +157,7 @@ class RetrievalEvalConfig:
         )
 
     def resolved_data_dir(self) -> Path:
-        return self.data_dir if self.data_dir is not None else cache_home() / "data" / "movielens-100k"
+        return data_dir_or_default(self.data_dir)
 
 
 # ---------------------------------------------------------------------------------------------- ranking
@@ -871,7 +877,7 @@ class RetrieveCandidatesConfig:
     def run(self) -> dict[str, Any]:
         check(self.model is not None, "model", "required: the retriever directory (--model DIR)")
         check(self.out is not None, "out", "required: the output directory (--out DIR)")
-        data_dir = self.data_dir if self.data_dir is not None else cache_home() / "data" / "movielens-100k"
+        data_dir = data_dir_or_default(self.data_dir)
         return retrieve_candidates(
             self.model, data_dir, self.out, k=self.k, dim=self.dim, index=self.index, split=self.split,
             missing_target=self.missing_target, texts=self.texts, batch_size=self.batch_size, device=self.device,

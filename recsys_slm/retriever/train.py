@@ -31,7 +31,7 @@ from typing import Any, Literal
 import numpy as np
 
 from recsys_slm.config import check, config_to_dict, validate_fields
-from recsys_slm.model_dir import atomic_dir, cache_home, read_manifest, write_manifest
+from recsys_slm.model_dir import atomic_dir, data_dir_or_default, read_manifest, write_manifest
 from recsys_slm.retriever.texts import (
     RetrieverTextConfig,
     RetrieverTexts,
@@ -232,7 +232,7 @@ class RetrieverTrainConfig:
         )
 
     def resolved_data_dir(self) -> Path:
-        return self.data_dir if self.data_dir is not None else cache_home() / "data" / "movielens-100k"
+        return data_dir_or_default(self.data_dir)
 
 
 # ---------------------------------------------------------------------------------------------- shared

@@ -309,9 +309,9 @@ class ServingConfig:
         return self.overload.max_queue + self.batching.max_batch_size + 8
 
     def resolved_data_dir(self) -> Path:
-        from recsys_slm.model_dir import cache_home
+        from recsys_slm.model_dir import data_dir_or_default
 
-        return Path(self.data_dir) if self.data_dir is not None else cache_home() / "data" / "movielens-100k"
+        return data_dir_or_default(self.data_dir)
 
 
 def check_servable(cfg: ServingConfig) -> None:

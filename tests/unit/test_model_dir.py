@@ -89,3 +89,12 @@ def test_json_files_get_plain_file_permissions(tmp_path):
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "m.json").stat().st_mode) == 0o644  # not mkstemp's 0600
+
+
+def test_data_dir_or_default_uses_recsys_slm_home(tmp_path, monkeypatch):
+    from recsys_slm.model_dir import data_dir_or_default
+
+    monkeypatch.setenv("RECSYS_SLM_HOME", str(tmp_path / "home"))
+    assert data_dir_or_default(None) == tmp_path / "home" / "data" / "movielens-100k"
+    assert data_dir_or_default("some/dir") == Path("some/dir")
+    assert data_dir_or_default(tmp_path) == tmp_path
