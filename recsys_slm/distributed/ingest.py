@@ -264,8 +264,9 @@ def user_records(group: pd.DataFrame, history_len: int, like_threshold: float, o
 def read_file_batches(batch: dict[str, Any], filesystem, batch_rows: int):
     """Read every file named in ``batch["path"]`` in ``batch_rows``-row record batches, tagging each with its path.
 
-    A generator UDF: Ray Data stores each yielded frame as its own block, so a read task never holds more than
-    one batch of its file and the executor's object-store budget can pause it between batches.
+    A generator UDF: Ray Data packs the yielded frames into blocks of at most ``target_max_block_size``
+    (128 MiB by default) and streams them out, so a read task holds at most about one block of its file, never
+    the whole file set.
 
     Yields:
         pandas.DataFrame: the file's columns plus ``path``.
@@ -285,7 +286,7 @@ def read_validated(cfg: IngestConfig, catalog: InteractionLog | None = None, cou
     One read task per file (:func:`read_file_batches`, fused with the validation), streaming ``batch_rows`` rows
     at a time. Not ``ray.data.read_parquet``: Ray 2.60's parquet reader (DataSource V2) plans a log of many
     ~1 MB files as a single read task — no parallelism, and blocks of up to 1.5M rows (measured,
-    docs/ray.md) — while this plan keeps memory per task to one batch and spreads files over every CPU.
+    docs/ray.md) — while this plan bounds memory per task by the block size and spreads files over every CPU.
 
     Returns:
         tuple[ray.data.Dataset, list[str], pyarrow.fs.FileSystem]: the dataset, the files and their filesystem.
