@@ -164,7 +164,7 @@ class RetrieverTrainConfig:
         logq_correction (bool): subtract log q_j (item j's share of the training pairs) from every in-batch logit,
             the sampling-bias correction of Yi et al. (RecSys 2019): plain in-batch negatives penalise popular
             items, which costs Recall@K on a popularity-skewed log. In distill it corrects the contrastive term
-            (``distill.label_weight``). Default False.
+            (``distill.label_weight``). Default True.
         max_seq_length (int | None): encoder token limit (user texts are cut at the end: disliked titles first).
             None = the model's own. Default 256.
         seed (int): Default 0.
@@ -191,7 +191,7 @@ class RetrieverTrainConfig:
     warmup_ratio: float = 0.1
     weight_decay: float = 0.01
     scale: float = 20.0
-    logq_correction: bool = False
+    logq_correction: bool = True
     max_seq_length: int | None = 256
     seed: int = 0
     device: str = "auto"

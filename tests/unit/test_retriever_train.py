@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from recsys_slm.cli import main
 from recsys_slm.config import ConfigError, load_config
@@ -131,9 +132,17 @@ def test_ladder_and_loss_choice(tiny_encoder_dir):
     }
     for key, cls in kinds.items():
         dims, adaptive = key if key else ((), False)
-        cfg = RetrieverTrainConfig(matryoshka={"dims": list(dims), "adaptive_layers": adaptive})
+        cfg = RetrieverTrainConfig(
+            logq_correction=False, matryoshka={"dims": list(dims), "adaptive_layers": adaptive}
+        )
         loss, got = build_train_loss(model, cfg)
         assert isinstance(loss, cls) and got == list(dims)
-    loss, _ = build_train_loss(model, RetrieverTrainConfig(logq_correction=True, matryoshka={"dims": [64, 32]}))
+    loss, _ = build_train_loss(model, RetrieverTrainConfig(matryoshka={"dims": [64, 32]}))  # logQ by default
     assert isinstance(loss, losses.MatryoshkaLoss) and isinstance(loss.loss, LogQCorrectedMNRLoss)
+    # 2D Matryoshka around the logQ loss: one forward gives a finite loss with gradients
+    loss, _ = build_train_loss(model, RetrieverTrainConfig(matryoshka={"dims": [64, 32], "adaptive_layers": True}))
+    texts = (["liked heat", "liked alien", "liked babe"], ["heat (1995)", "alien (1979)", "babe (1995)"])
+    feats = [dict(model.preprocess(list(t))) for t in texts]
+    value = loss(feats, torch.log(torch.tensor([0.5, 0.3, 0.2])))
+    assert torch.isfinite(value) and value.requires_grad
     assert item_log_q(["a", "b", "a", "c"]) == pytest.approx(np.log([0.5, 0.25, 0.5, 0.25]))
