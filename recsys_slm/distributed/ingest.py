@@ -270,12 +270,20 @@ def read_file_batches(batch: dict[str, Any], filesystem, batch_rows: int):
 
     Yields:
         pandas.DataFrame: the file's columns plus ``path``.
+
+    Raises:
+        ValueError: a file is not parquet (the message names it).
     """
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     for path in batch[PATH_COLUMN]:
         with filesystem.open_input_file(str(path)) as fh:
-            for record_batch in pq.ParquetFile(fh).iter_batches(batch_size=batch_rows):
+            try:
+                reader = pq.ParquetFile(fh)
+            except pa.ArrowException as exc:  # pyarrow's message does not say which file
+                raise ValueError(f"interactions file {path}: not a readable parquet file ({exc})") from None
+            for record_batch in reader.iter_batches(batch_size=batch_rows):
                 yield record_batch.to_pandas().assign(**{PATH_COLUMN: str(path)})
 
 

@@ -148,6 +148,9 @@ def test_read_file_batches_streams_each_file_in_bounded_batches(log_dir):
         got = pd.concat([b for b in batches if b[PATH_COLUMN].iloc[0] == f], ignore_index=True)
         assert set(got[PATH_COLUMN]) == {f}
         pd.testing.assert_frame_equal(got.drop(columns=PATH_COLUMN), pd.read_parquet(f))
+    (log_dir.parent / "broken.parquet").write_bytes(b"not parquet")
+    with pytest.raises(ValueError, match=r"broken\.parquet: not a readable parquet file"):
+        list(read_file_batches({PATH_COLUMN: [str(log_dir.parent / "broken.parquet")]}, pafs.LocalFileSystem(), 7))
 
 
 @pytest.fixture(scope="module")
