@@ -39,6 +39,7 @@ import numpy as np
 import pandas as pd
 
 from recsys_slm.config import check, config_to_dict, from_dict, validate_fields
+from recsys_slm.metrics.bootstrap import DEFAULT_LEVEL, DEFAULT_RESAMPLES, per_user_values
 from recsys_slm.metrics.ranking import candidate_ranks, mrr_at_k, ndcg_at_k, per_user_mean, recall_at_k
 from recsys_slm.model_dir import (
     atomic_dir,
@@ -100,6 +101,9 @@ class RetrievalEvalConfig:
             ``all`` (every configuration). Default flat.
         save_indexes (bool): also save every index under ``indexes/<tag>/``. Default False.
         seed (int): IVF/PQ k-means seed and latency-query sample. Default 0.
+        bootstrap_resamples (int): resamples of users for the confidence intervals of the primary metric
+            (``ci``, ``retained``, ``vs_primary`` in each result); 0 = none. Default 2000.
+        ci_level (float): their confidence level, in (0, 1). Default 0.95.
     """
 
     models: list[str] = field(default_factory=list)
@@ -124,9 +128,17 @@ class RetrievalEvalConfig:
     trec_runs: Literal["primary", "flat", "all"] = "flat"
     save_indexes: bool = False
     seed: int = 0
+    bootstrap_resamples: int = DEFAULT_RESAMPLES
+    ci_level: float = DEFAULT_LEVEL
 
     def __post_init__(self) -> None:
         validate_fields(self)
+        check(
+            self.bootstrap_resamples == 0 or self.bootstrap_resamples >= 100,
+            "bootstrap_resamples",
+            f"must be 0 (no intervals) or >= 100, got {self.bootstrap_resamples}",
+        )
+        check(0 < self.ci_level < 1, "ci_level", f"must be in (0, 1), got {self.ci_level}")
         check(all(d >= 1 for d in self.dims), "dims", f"must be positive, got {self.dims}")
         check(all(n >= 1 for n in self.layers), "layers", f"must be positive, got {self.layers}")
         check(len(self.indexes) > 0, "indexes", "needs at least one faiss factory string, e.g. [Flat]")
@@ -516,6 +528,7 @@ def evaluate_retrieval(config: RetrievalEvalConfig) -> dict[str, Any]:
     primary: dict[str, Any] | None = None
     queries: Queries | None = None
     saved_indexes: dict[str, RetrievalIndex] = {}
+    per_user: dict[str, dict[str, float]] = {}  # tag -> user -> primary metric (recall@min(ks))
     variants = [(spec, n) for spec in config.models for n in [None, *config.layers]]
     for m_i, (base_spec, n_layers) in enumerate(variants):
         try:
@@ -592,6 +605,9 @@ def evaluate_retrieval(config: RetrievalEvalConfig) -> dict[str, Any]:
                     "encoder_queries_per_s": enc.info["encode"]["queries_per_s"],
                 }
                 results.append(entry)
+                per_user[tag] = per_user_values(
+                    recall_at_k([np.array([r]) for r in ranks], min(config.ks)), users
+                )
                 is_primary = primary is None and dim == full
                 if is_primary:
                     primary = {"tag": tag, "model": spec, "dim": dim, "index": factory}
@@ -607,6 +623,10 @@ def evaluate_retrieval(config: RetrievalEvalConfig) -> dict[str, Any]:
     if primary is None and results:
         r = results[0]
         primary = {"tag": r["tag"], "model": r["model"], "dim": r["dim"], "index": r["index"]}
+
+    if config.bootstrap_resamples and primary is not None:
+        attach_intervals(results, per_user, primary["tag"], config.bootstrap_resamples, config.ci_level,
+                         config.seed)  # fmt: skip
 
     baselines: dict[str, dict[str, float]] = {}
     if config.baselines and queries is not None:
@@ -684,6 +704,47 @@ def evaluate_retrieval(config: RetrievalEvalConfig) -> dict[str, Any]:
     return json_safe(report)
 
 
+def attach_intervals(
+    results: list[dict[str, Any]],
+    per_user: dict[str, dict[str, float]],
+    primary_tag: str,
+    n_resamples: int,
+    level: float,
+    seed: int = 0,
+) -> None:
+    """Add bootstrap intervals of the primary metric (recall@min(ks)) to each result, in place.
+
+    Adds to each result:
+
+    * ``ci``: the interval of its own metric;
+    * ``retained``: its metric over the *same model's* full-dim exact (Flat) configuration — what a Matryoshka
+      truncation or an ANN index keeps — paired over users (``reference`` = that tag; the full-dim
+      configuration of the same index when no Flat one was run);
+    * ``vs_primary``: its metric over the primary configuration's (a student vs the teacher), paired.
+
+    Args:
+        results (list[dict]): sweep entries (``tag``, ``model_index``, ``dim``, ``full_dim``, ``index``).
+        per_user (dict[str, dict[str, float]]): tag -> user -> per-user primary metric.
+        primary_tag (str): the primary configuration.
+    """
+    from recsys_slm.metrics.bootstrap import mean_ci, paired_ratio_ci
+
+    kw = {"level": level, "n_resamples": n_resamples, "seed": seed}
+    full = {}
+    for r in results:
+        if r["dim"] == r["full_dim"]:
+            key = (r["model_index"], r["index"].strip().lower())
+            full.setdefault(key, r["tag"])
+    for r in results:
+        tag = r["tag"]
+        r["ci"] = mean_ci(per_user[tag], **kw)
+        ref = full.get((r["model_index"], "flat")) or full.get((r["model_index"], r["index"].strip().lower()))
+        if ref is not None:
+            r["retained"] = {"reference": ref, **paired_ratio_ci(per_user[ref], per_user[tag], **kw)}
+        vs = paired_ratio_ci(per_user[primary_tag], per_user[tag], **kw)
+        r["vs_primary"] = {"reference": primary_tag, **vs}
+
+
 # ---------------------------------------------------------------------------------------------- reports
 
 
@@ -744,6 +805,7 @@ def markdown_summary(report: dict[str, Any]) -> str:
         "bytes/vec = per-vector storage of the index (codes + ids + graph links; shared codebooks/centroids "
         "excluded); p50/p99 = one query at a time, k = max(ks); enc q/s = user texts encoded per second.",
     ]
+    lines += interval_lines(report)
     if report.get("skipped"):
         lines += [
             "",
@@ -753,6 +815,39 @@ def markdown_summary(report: dict[str, Any]) -> str:
         ]
     lines += ["", "Definitions and formats: `docs/retriever.md`.", ""]
     return "\n".join(lines)
+
+
+def _ci(d: dict[str, Any] | None, key: str, digits: int) -> str:
+    if not d:
+        return "–"
+    return f"{_fmt(d.get(key), digits)} [{_fmt(d.get('low'), digits)}, {_fmt(d.get('high'), digits)}]"
+
+
+def interval_lines(report: dict[str, Any]) -> list[str]:
+    """Markdown section: the bootstrap intervals of the exact-index (Flat) rows; [] when none were computed."""
+    rows = [r for r in report["results"] if "ci" in r]
+    flat = [r for r in rows if r["index"].strip().lower() == "flat"]
+    rows = flat or rows
+    if not rows:
+        return []
+    metric = report["primary_metric"]
+    level = rows[0]["ci"]["level"]
+    primary = report["primary"]["tag"] if report.get("primary") else "–"
+    return [
+        "",
+        f"## {metric}: {level:.0%} intervals (bootstrap over users)",
+        "",
+        f"| model | dim | index | {metric} [CI] | retained vs own full dim [CI] | vs primary [CI] |",
+        "|---|---|---|---|---|---|",
+        *(
+            f"| {Path(str(r['model'])).name} | {r['dim']} | {r['index']} | {_ci(r['ci'], 'mean', 4)} | "
+            f"{_ci(r.get('retained'), 'ratio', 3)} | {_ci(r.get('vs_primary'), 'ratio', 3)} |"
+            for r in rows
+        ),
+        "",
+        f"Ratios are paired (the same resampled users for both configurations); primary = `{primary}`. An "
+        "interval that contains a threshold (e.g. 0.95) means these queries cannot tell the two apart at it.",
+    ]
 
 
 def pareto_front(xs: list[float], ys: list[float]) -> list[int]:

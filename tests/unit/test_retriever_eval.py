@@ -121,6 +121,35 @@ def test_popularity_baseline_naive(report_dir, tiny_data_dir):
         assert report["baselines"]["popularity"][key] == pytest.approx(value, abs=1e-12), key
 
 
+def test_intervals_pair_each_configuration_with_its_references(report_dir):
+    """ci / retained / vs_primary: point values from the per-configuration metrics, the references as documented."""
+    report = json.loads((report_dir / "report.json").read_text())
+    by_tag = {r["tag"]: r for r in report["results"]}
+    primary = report["primary"]["tag"]
+    for r in report["results"]:
+        metric = r["metrics"]["recall@1"]
+        assert r["ci"]["mean"] == pytest.approx(metric) and r["ci"]["users"] == 10
+        assert r["ci"]["low"] <= metric <= r["ci"]["high"]
+        ref = by_tag[r["retained"]["reference"]]  # the same model's full-dim Flat configuration
+        assert ref["model"] == r["model"] and ref["dim"] == r["full_dim"] and ref["index"] == "Flat"
+        base = ref["metrics"]["recall@1"]
+        if base > 0:
+            assert r["retained"]["ratio"] == pytest.approx(metric / base)
+        assert r["retained"]["diff"] == pytest.approx(metric - base)
+        assert r["vs_primary"]["reference"] == primary
+        assert r["vs_primary"]["diff"] == pytest.approx(metric - by_tag[primary]["metrics"]["recall@1"])
+    own = by_tag[primary]["retained"]
+    assert own["reference"] == primary and own["diff"] == 0 and own["diff_low"] == own["diff_high"] == 0
+    assert "## recall@1: 95% intervals (bootstrap over users)" in (report_dir / "summary.md").read_text()
+
+
+def test_bootstrap_keys_are_validated(tmp_path, tiny_encoder_dir, tiny_data_dir, capsys):
+    for bad, key in (("bootstrap_resamples=5", "bootstrap_resamples"), ("ci_level=95", "ci_level")):
+        code = main(["eval", "retrieval", "--model", str(tiny_encoder_dir), "--out", str(tmp_path / "o"), bad])
+        assert code == 2
+        assert f"config key '{key}'" in capsys.readouterr().err
+
+
 def test_bad_index_list_is_a_config_error(tmp_path, tiny_encoder_dir, tiny_data_dir, capsys):
     code = main(["eval", "retrieval", "--model", str(tiny_encoder_dir), "--out", str(tmp_path / "o"),
                  "--data-dir", str(tiny_data_dir), "indexes=[Flat,IVF4,PQ8]"])  # fmt: skip
