@@ -18,6 +18,11 @@ NDCG@K = Recall@K = the retriever's hit rate at ``k``.
 Cells (one retrieval, one ranker on one retrieval) are cached under ``<OUT>.cells/`` while the grid runs and kept
 in ``OUT/cells/``; a rerun reuses every cell whose inputs (model identity, keys, data) are unchanged, so a killed
 grid resumes and adding a ranker computes only the new column.
+
+Every row also carries a bootstrap interval of its headline system NDCG@K over users (``ci``) and its ratio to
+the primary row (the first retriever at its first dim re-ranked by the first ranker), paired over the same
+users (``vs_primary``): on the ~100 users a CPU budget allows, one target is ±0.01 NDCG, and the intervals say
+which differences the grid can resolve (:mod:`recsys_slm.metrics.bootstrap`).
 """
 
 from __future__ import annotations
@@ -34,7 +39,8 @@ import pandas as pd
 
 from recsys_slm.config import check, config_to_dict, validate_fields
 from recsys_slm.data.prompts import PromptConfig
-from recsys_slm.metrics.ranking import ranking_metrics
+from recsys_slm.metrics.bootstrap import DEFAULT_LEVEL, DEFAULT_RESAMPLES, mean_ci, paired_ratio_ci
+from recsys_slm.metrics.ranking import ndcg_at_k, rank_of_targets, ranking_metrics
 from recsys_slm.model_dir import (
     atomic_dir,
     code_version,
@@ -75,6 +81,8 @@ class TwoStageConfig:
         device (str): "auto", "cpu", "cuda", ... for both stages. Default "auto".
         nprobe (int), ef_search (int): IVF / HNSW search knobs. Defaults 8 / 64.
         prompt (PromptConfig): ranker prompt; left at the default, each ranker's manifest prompt is used.
+        bootstrap_resamples (int): user resamples for ``ci`` / ``vs_primary``; 0 = none. Default 2000.
+        ci_level (float): their confidence level, in (0, 1). Default 0.95.
     """
 
     retrievers: list[str] = field(default_factory=list)
@@ -94,9 +102,17 @@ class TwoStageConfig:
     nprobe: int = 8
     ef_search: int = 64
     prompt: PromptConfig = field(default_factory=PromptConfig)
+    bootstrap_resamples: int = DEFAULT_RESAMPLES
+    ci_level: float = DEFAULT_LEVEL
 
     def __post_init__(self) -> None:
         validate_fields(self)
+        check(
+            self.bootstrap_resamples == 0 or self.bootstrap_resamples >= 100,
+            "bootstrap_resamples",
+            f"must be 0 (no intervals) or >= 100, got {self.bootstrap_resamples}",
+        )
+        check(0 < self.ci_level < 1, "ci_level", f"must be in (0, 1), got {self.ci_level}")
         check(self.k >= 1, "k", f"must be >= 1, got {self.k}")
         check(
             all(d is None or d >= 1 for d in self.dims), "dims", f"must be positive or null, got {self.dims}"
@@ -177,6 +193,8 @@ def evaluate_two_stage(config: TwoStageConfig) -> dict[str, Any]:
     grid: list[dict[str, Any]] = []
     ranker_tags = _tags(config.rankers)
     rankers_info: dict[str, dict[str, Any]] = {}
+    head_k = int(_headline_key(config.ks).split("@")[1])
+    per_user: dict[int, dict[str, float]] = {}  # grid row -> user -> system NDCG@head_k (0 when not retrieved)
 
     # one encoding per retriever, shared by its dims (variants come grouped by retriever: keep only the current one)
     sources: dict[str, Any] = {}
@@ -220,11 +238,16 @@ def evaluate_two_stage(config: TwoStageConfig) -> dict[str, Any]:
         frame = pd.read_parquet(task)
         users = frame["user_id"].astype(str).tolist()
         n_ranked = len(frame)
+        universe = stats.get("query_users")  # absent from cells written before it was recorded
+        if universe is None and config.bootstrap_resamples:
+            notes.append(f"{vtag}: no intervals (its retrieval cell predates query_users; delete it to redo)")
 
         def row(name: str, kind: str, reranked: dict[str, float], vtag=vtag, factor=factor, n=n_ranked,
-                **extra: Any) -> None:  # fmt: skip
+                ranks: list[np.ndarray] | None = None, universe=universe, users=users, **extra: Any) -> None:
             grid.append({"retriever": vtag, "ranker": name, "kind": kind, "system": _scaled(reranked, factor),
                          "reranked": reranked, "ranked_users": n, **extra})  # fmt: skip
+            if universe is not None and ranks is not None:
+                per_user[len(grid) - 1] = system_per_user(ranks, users, universe, head_k)
 
         if len(frame) == 0:
             notes.append(
@@ -232,15 +255,17 @@ def evaluate_two_stage(config: TwoStageConfig) -> dict[str, Any]:
             )
             zero = {f"{m}@{k}": 0.0 for m in ("ndcg", "recall", "mrr") for k in config.ks}
             for name, kind in [(RETRIEVER_ORDER, RETRIEVER_ORDER), *((t, "ranker") for t in ranker_tags)]:
-                row(name, kind, zero)
+                row(name, kind, zero, ranks=[])
             continue
         # The retriever's own order: its scores, ranked under the same tie rule as every ranker.
         ids = [[str(i) for i in c] for c in frame["candidate_item_ids"]]
         labels = [np.asarray(c, dtype=np.int64) for c in frame["candidate_labels"]]
         scores = [np.asarray(s, dtype=np.float64) for s in frame["retriever_scores"]]
-        row(RETRIEVER_ORDER, RETRIEVER_ORDER, ranking_metrics(scores, labels, ids, config.ks, users))
-        row(ORACLE, ORACLE, ranking_metrics([lab.astype(np.float64) for lab in labels], labels, ids, config.ks,
-                                            users))  # fmt: skip
+        row(RETRIEVER_ORDER, RETRIEVER_ORDER, ranking_metrics(scores, labels, ids, config.ks, users),
+            ranks=rank_of_targets(scores, labels, ids))  # fmt: skip
+        oracle = [lab.astype(np.float64) for lab in labels]
+        row(ORACLE, ORACLE, ranking_metrics(oracle, labels, ids, config.ks, users),
+            ranks=rank_of_targets(oracle, labels, ids))  # fmt: skip
         if config.baselines:
             b_key = {"retrieval": cand.name, "ks": config.ks}
             b_dir = _cell(
@@ -255,8 +280,10 @@ def evaluate_two_stage(config: TwoStageConfig) -> dict[str, Any]:
                 ),
             )
             b_report = _read_json(b_dir / "report.json")
+            b_pred = pd.read_parquet(b_dir / "predictions.parquet")
             for name, m in b_report["metrics"].items():
-                row(name, "baseline", m, cell=f"cells/{b_dir.name}")
+                col = "rank" if name == b_report["primary_method"] else f"rank_{name}"
+                row(name, "baseline", m, cell=f"cells/{b_dir.name}", ranks=target_ranks(b_pred, col))
         for spec_r, rtag in zip(config.rankers, ranker_tags, strict=True):
             k_key = {"ranker": model_identity(spec_r), "retrieval": cand.name, "ks": config.ks,
                      "prompt": config_to_dict(config.prompt)}  # fmt: skip
@@ -282,7 +309,11 @@ def evaluate_two_stage(config: TwoStageConfig) -> dict[str, Any]:
             k_report = _read_json(k_dir / "report.json")
             rankers_info.setdefault(rtag, {"tag": rtag, "model": spec_r, **(k_report.get("model") or {})})
             row(rtag, "ranker", k_report["metrics"][k_report["primary_method"]], cell=f"cells/{k_dir.name}",
-                throughput=k_report.get("throughput"))  # fmt: skip
+                throughput=k_report.get("throughput"),
+                ranks=target_ranks(pd.read_parquet(k_dir / "predictions.parquet"), "rank"))  # fmt: skip
+
+    if config.bootstrap_resamples and per_user:
+        attach_intervals(grid, per_user, config.bootstrap_resamples, config.ci_level)
 
     report: dict[str, Any] = {
         "data": {"data_dir": str(data_dir)},
@@ -313,6 +344,47 @@ def evaluate_two_stage(config: TwoStageConfig) -> dict[str, Any]:
         write_json_atomic(tmp / "report.json", report)
         work.rename(tmp / "cells")
     return report
+
+
+def target_ranks(predictions: pd.DataFrame, rank_col: str) -> list[np.ndarray]:
+    """Per record (in record order) the ranks of its relevant candidates from a ranker eval's
+    ``predictions.parquet`` (``record``, ``label``, and ``rank`` or ``rank_<method>``)."""
+    hits = predictions.loc[predictions["label"] == 1, ["record", rank_col]]
+    by_record = hits.groupby("record")[rank_col].apply(lambda r: np.asarray(r, dtype=np.float64))
+    n = int(predictions["record"].max()) + 1 if len(predictions) else 0
+    return [by_record.get(i, np.empty(0)) for i in range(n)]
+
+
+def system_per_user(
+    ranks: list[np.ndarray], users: list[str], universe: list[str], k: int
+) -> dict[str, float]:
+    """Each asked user's system NDCG@k: from the re-ranked ranks when the retriever found the target, else 0.
+
+    Args:
+        ranks (R arrays): ranks of the relevant candidates of each re-ranked record (``users[i]``'s).
+        users (list[str] (R,)): the user of each re-ranked record.
+        universe (list[str]): every user the retriever was asked for (``query_users`` of the retrieval).
+    """
+    from recsys_slm.metrics.bootstrap import per_user_values
+
+    got = per_user_values(ndcg_at_k(ranks, k), users) if len(ranks) else {}
+    return {str(u): got.get(str(u), 0.0) for u in universe}
+
+
+def attach_intervals(
+    grid: list[dict[str, Any]], per_user: dict[int, dict[str, float]], n_resamples: int, level: float
+) -> None:
+    """Add ``ci`` and ``vs_primary`` (paired over users) to the grid rows in place. The primary row is the first
+    ranker row (first retriever variant × first ranker), else the first row."""
+    rows = sorted(per_user)
+    primary = next((i for i in rows if grid[i]["kind"] == "ranker"), rows[0])
+    p = grid[primary]
+    ref = {"retriever": p["retriever"], "ranker": p["ranker"]}
+    for i in rows:
+        grid[i]["ci"] = mean_ci(per_user[i], level=level, n_resamples=n_resamples)
+        grid[i]["vs_primary"] = {
+            **ref, **paired_ratio_ci(per_user[primary], per_user[i], level=level, n_resamples=n_resamples)
+        }  # fmt: skip
 
 
 def _headline_key(ks: list[int]) -> str:
@@ -351,5 +423,32 @@ def markdown_summary(report: dict[str, Any]) -> str:
         "|" + "---|" * len(header),
     ]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
+    lines += interval_lines(report)
     lines += [f"- note: {n}" for n in report["notes"]]
     return "\n".join(lines) + "\n"
+
+
+def interval_lines(report: dict[str, Any]) -> list[str]:
+    """Markdown: each row's system NDCG@K with its bootstrap interval and its paired ratio to the primary row."""
+    rows = [g for g in report["grid"] if "ci" in g]
+    if not rows:
+        return []
+    key = _headline_key(report["ks"])
+    ref = rows[0]["vs_primary"]
+
+    def ci(d: dict[str, Any], point: str) -> str:
+        return f"{d[point]:.4f} [{d['low']:.4f}, {d['high']:.4f}]" if d.get(point) is not None else "-"
+
+    return [
+        "",
+        f"## system {key}: {rows[0]['ci']['level']:.0%} intervals (bootstrap over users)",
+        "",
+        f"Ratios are to `{ref['retriever']} → {ref['ranker']}`, paired (the same resampled users for both); "
+        "an interval that spans 1 means these users cannot tell the two apart.",
+        "",
+        f"| retriever | re-ranker | system {key} [CI] | ÷ primary [CI] |",
+        "|---|---|---|---|",
+        *(f"| {g['retriever']} | {g['ranker']} | {ci(g['ci'], 'mean')} | {ci(g['vs_primary'], 'ratio')} |"
+          for g in rows),  # fmt: skip
+        "",
+    ]

@@ -1137,6 +1137,7 @@ def write_candidates(
         "dim": d,
         "index": index,
         "records": total,
+        "query_users": [str(u) for u in frame["user_id"]],  # every user asked (the system eval's universe)
         "written": kept,
         "target_retrieved": int(np.isfinite(ranks).sum()),
         "hit_rate": float(np.isfinite(ranks).mean()) if total else None,

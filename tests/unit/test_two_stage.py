@@ -85,6 +85,21 @@ def test_system_metrics_equal_a_naive_recomputation(system_dir, tiny_data_dir):
         assert np.isclose(cells["oracle"]["system"]["ndcg@1"], r["hit_rate"])
 
 
+def test_intervals_are_over_all_asked_users(system_dir):
+    """ci.mean = the system NDCG@10 (missed users at 0), vs_primary pairs each row with the first ranker row."""
+    report = json.loads((system_dir / "report.json").read_text())
+    grid = report["grid"]
+    primary = next(g for g in grid if g["kind"] == "ranker")
+    assert (primary["retriever"], primary["ranker"]) == ("model", "model")
+    for g in grid:
+        assert g["ci"]["users"] == 10 and g["ci"]["mean"] == pytest.approx(g["system"]["ndcg@10"], abs=1e-12)
+        vs = g["vs_primary"]
+        assert (vs["retriever"], vs["ranker"]) == ("model", "model") and vs["users"] == 10
+        assert vs["diff"] == pytest.approx(g["system"]["ndcg@10"] - primary["system"]["ndcg@10"], abs=1e-12)
+    assert primary["vs_primary"]["diff_low"] == primary["vs_primary"]["diff_high"] == 0
+    assert "## system ndcg@10: 95% intervals" in (system_dir / "summary.md").read_text()
+
+
 def test_rerun_reuses_every_cell(system_dir, tiny_encoder_dir, tiny_lm_dir, tiny_data_dir, monkeypatch):
     import recsys_slm.evaluation.ranker_eval as ranker_eval
     import recsys_slm.retriever.evaluate as retriever_eval
@@ -112,6 +127,10 @@ def test_bad_input(tmp_path, tiny_encoder_dir, tiny_data_dir, capsys):
         TwoStageConfig(dims=[0])
     with pytest.raises(ConfigError, match="k"):
         TwoStageConfig(k=0)
+    with pytest.raises(ConfigError, match="bootstrap_resamples"):
+        TwoStageConfig(bootstrap_resamples=10)
+    with pytest.raises(ConfigError, match="ci_level"):
+        TwoStageConfig(ci_level=1.0)
     with pytest.raises(FileNotFoundError, match="tasks/candidates"):
         evaluate_two_stage(TwoStageConfig(retrievers=[str(tiny_encoder_dir)], out=tmp_path / "o",
                                           data_dir=tmp_path))  # fmt: skip
