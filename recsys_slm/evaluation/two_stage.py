@@ -39,7 +39,13 @@ import pandas as pd
 
 from recsys_slm.config import check, config_to_dict, validate_fields
 from recsys_slm.data.prompts import PromptConfig
-from recsys_slm.metrics.bootstrap import DEFAULT_LEVEL, DEFAULT_RESAMPLES, mean_ci, paired_ratio_ci
+from recsys_slm.metrics.bootstrap import (
+    DEFAULT_LEVEL,
+    DEFAULT_RESAMPLES,
+    mean_ci,
+    paired_ratio_ci,
+    per_user_values,
+)
 from recsys_slm.metrics.ranking import ndcg_at_k, rank_of_targets, ranking_metrics
 from recsys_slm.model_dir import (
     atomic_dir,
@@ -365,8 +371,6 @@ def system_per_user(
         users (list[str] (R,)): the user of each re-ranked record.
         universe (list[str]): every user the retriever was asked for (``query_users`` of the retrieval).
     """
-    from recsys_slm.metrics.bootstrap import per_user_values
-
     got = per_user_values(ndcg_at_k(ranks, k), users) if len(ranks) else {}
     return {str(u): got.get(str(u), 0.0) for u in universe}
 
