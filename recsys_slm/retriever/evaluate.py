@@ -811,7 +811,11 @@ def markdown_summary(report: dict[str, Any]) -> str:
             "",
             "## Skipped",
             "",
-            *(f"- {s['model']} dim {s['dim']} {s['index']}: {s['reason']}" for s in report["skipped"]),
+            *(
+                "- " + " ".join(str(v) for v in (s["model"], s["dim"] and f"dim {s['dim']}", s["index"]) if v)
+                + f": {s['reason']}"
+                for s in report["skipped"]
+            ),
         ]
     lines += ["", "Definitions and formats: `docs/retriever.md`.", ""]
     return "\n".join(lines)
@@ -870,6 +874,7 @@ def plot_pareto(
     """Two panels: ``primary_metric`` vs per-vector bytes (log x) and vs p50 query latency; Pareto fronts drawn."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
 
     fig = Figure(figsize=(11, 4.6), dpi=100)
     FigureCanvasAgg(fig)
@@ -889,11 +894,8 @@ def plot_pareto(
                 pts = [i for i, r in enumerate(results) if r["model"] == model and r["index"] == factory]
                 if not pts:
                     continue
-                ax.scatter(
-                    [x[i] for i in pts], [y[i] for i in pts], marker=markers[f_i % len(markers)],
-                    color=f"C{m_i % 10}", s=28,
-                    label=f"{Path(str(model)).name} {factory}" if len(models) * len(factories) <= 16 else None,
-                )  # fmt: skip
+                ax.scatter([x[i] for i in pts], [y[i] for i in pts], marker=markers[f_i % len(markers)],
+                           color=f"C{m_i % 10}", s=28)  # fmt: skip
                 for i in pts:
                     ax.annotate(
                         str(results[i]["dim"]),
@@ -914,7 +916,14 @@ def plot_pareto(
         ax.set_ylabel(primary_metric)
         ax.set_title(f"{primary_metric} vs {label.split(' (')[0]}")
         if p_i == 1:
-            ax.legend(fontsize=6, loc="best")
+            # one entry per model (colour) and per index (marker), not per combination: a 4-model × 5-index
+            # sweep would otherwise need 20 entries
+            handles = [Line2D([], [], color=f"C{m_i % 10}", marker="o", linestyle="", label=Path(str(m)).name)
+                       for m_i, m in enumerate(models)]  # fmt: skip
+            handles += [Line2D([], [], color="grey", marker=markers[f_i % len(markers)], linestyle="", label=f)
+                        for f_i, f in enumerate(factories)]  # fmt: skip
+            handles += [h for h in ax.get_legend_handles_labels()[0]]  # the baselines' lines
+            ax.legend(handles=handles, fontsize=6, loc="best")
     fig.tight_layout()
     fig.savefig(path)
     return Path(path)

@@ -72,6 +72,8 @@ def test_outputs_and_report(report_dir):
     assert report["models"][0]["encode"]["queries_per_s"] > 0 and report["models"][0]["embedding_dim"] == 64
     assert set(report["baselines"]) == {"popularity", "cooccurrence"}
     assert {"runs/model__d64__Flat.trec", "runs/model__d8__Flat.trec"} <= files  # trec_runs=flat
+    summary = (report_dir / "summary.md").read_text()
+    assert f"- {spec} dim 128: model dim is 64" in summary and "None" not in summary
 
 
 @pytest.mark.parametrize("dim", [64, 8])
