@@ -341,11 +341,7 @@ def evaluate_two_stage(config: TwoStageConfig) -> dict[str, Any]:
     key = _headline_key(config.ks)
     with atomic_dir(out) as tmp:
         (tmp / "summary.md").write_text(markdown_summary(report))
-        report_mod.plot_ranking_bars(
-            tmp / "two_stage.png",
-            {f"{g['retriever']} → {g['ranker']}": g["system"] for g in grid if g["kind"] != ORACLE},
-            [key, key.replace("ndcg", "recall")],
-        )
+        plot_system(tmp / "two_stage.png", report["grid"], key)
         report["files"] = ["report.json", "summary.md", "two_stage.png", "cells/"]
         write_json_atomic(tmp / "report.json", report)
         work.rename(tmp / "cells")
@@ -389,6 +385,42 @@ def attach_intervals(
         grid[i]["vs_primary"] = {
             **ref, **paired_ratio_ci(per_user[primary], per_user[i], level=level, n_resamples=n_resamples)
         }  # fmt: skip
+
+
+def plot_system(path: str | Path, grid: list[dict[str, Any]], key: str) -> Path:
+    """Horizontal bars: each row's system ``key`` (oracle rows left out), grouped by retriever, coloured by kind,
+    with the bootstrap interval as an error bar when the row has one."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+
+    rows = [g for g in grid if g["kind"] != ORACLE]
+    colours = {RETRIEVER_ORDER: "C0", "ranker": "C3", "baseline": "C7"}
+    fig = Figure(figsize=(8, 1.2 + 0.24 * len(rows)), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    y = np.arange(len(rows))[::-1]
+    values = [g["system"].get(key, 0.0) for g in rows]
+    err = None
+    if rows and all("ci" in g for g in rows):
+
+        def half(v: float, bound: float | None) -> float:  # an undefined bound (None/NaN) draws no bar
+            return abs(v - bound) if bound is not None and np.isfinite(bound) else 0.0
+
+        err = np.array([[half(v, g["ci"]["low"]), half(v, g["ci"]["high"])]
+                        for v, g in zip(values, rows, strict=True)]).T  # fmt: skip
+    ax.barh(y, values, xerr=err, color=[colours.get(g["kind"], "C2") for g in rows], error_kw={"linewidth": 0.8})
+    ax.set_yticks(y, [f"{g['retriever']} → {g['ranker']}" for g in rows], fontsize=7)
+    for i in range(1, len(rows)):  # a line between retrievers
+        if rows[i]["retriever"] != rows[i - 1]["retriever"]:
+            ax.axhline(y[i] + 0.5, color="grey", linewidth=0.5)
+    level = f" ({rows[0]['ci']['level']:.0%} bootstrap interval)" if err is not None else ""
+    ax.set_xlabel(f"system {key} over all users{level}")
+    ax.legend(handles=[Patch(color=c, label=k.replace("_", " ")) for k, c in colours.items()], fontsize=7,
+              loc="lower right")  # fmt: skip
+    fig.tight_layout()
+    fig.savefig(path)
+    return Path(path)
 
 
 def _headline_key(ks: list[int]) -> str:
