@@ -1,4 +1,4 @@
-"""``recsys-slm retriever train|distill|candidates`` and ``recsys-slm eval retrieval``.
+"""``recsys-slm retriever train|distill|prune|candidates`` and ``recsys-slm eval retrieval``.
 
 Heavy imports (torch, sentence-transformers, faiss) happen inside the command functions, so building the parser
 stays cheap.
@@ -43,6 +43,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     distill.add_argument("--teacher", default=None, help="the trained teacher retriever (distill.teacher)")
     add_config_args(distill, "distill.score_loss=margin_mse distill.label_weight=0.5")
     distill.set_defaults(func=run_distill)
+
+    prune = rsub.add_parser(
+        "prune",
+        help="prune a retriever's encoder (MLP neurons, layers) for re-distillation; keeps its texts",
+        description="Writes OUT (a sentence-transformers directory, SentenceTransformer(OUT) loads it, with "
+        "recsys_slm.json) atomically. Then: recsys-slm retriever distill --model OUT --teacher TEACHER. "
+        "Keys: docs/retriever.md.",
+    )
+    _common_flags(prune)
+    add_config_args(prune, "neurons_keep=0.5 layers_keep=0.67")
+    prune.set_defaults(func=run_prune)
 
     cand = rsub.add_parser(
         "candidates",
@@ -138,6 +149,20 @@ def run_distill(args: argparse.Namespace) -> int:
     from recsys_slm.retriever.train import distill_retriever
 
     _print_training(distill_retriever(_train_config(args)), "student")
+    return 0
+
+
+def run_prune(args: argparse.Namespace) -> int:
+    from recsys_slm.config import load_config
+    from recsys_slm.retriever.prune import RetrieverPruneConfig, prune_retriever
+
+    cfg = load_config(RetrieverPruneConfig, args.config, args.overrides)
+    cfg = dataclasses.replace(cfg, **_flags(args))
+    r = prune_retriever(cfg)
+    before, after = r["encoder_layer_params"]["before"], r["encoder_layer_params"]["after"]
+    print(f"pruned ({cfg.method}) -> {r['out_dir']}: layers {r['before']['layers']} -> {r['widths']['layers']}, "
+          f"MLP width {r['before']['intermediate']} -> {r['widths']['intermediate']}, encoder-layer params "
+          f"{before:,} -> {after:,} ({after / before:.1%}), {r['embedding_dim']}-d")  # fmt: skip
     return 0
 
 

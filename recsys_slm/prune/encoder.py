@@ -515,7 +515,8 @@ _CHECK_TEXTS = ("a quiet drama about a family", "space opera with laser battles"
 def prune_sentence_encoder(src_dir: str | Path, out_dir: str | Path, heads_keep: float = 1.0, neurons_keep: float = 1.0,
                            layers_keep: float = 1.0, method: Method = "magnitude",
                            calibration_texts: Sequence[str] | None = None,
-                           device: str | torch.device | None = None) -> dict[str, Any]:  # fmt: skip
+                           device: str | torch.device | None = None, config: dict[str, Any] | None = None,
+                           extra: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
     """Load a sentence-transformers encoder, prune it uniformly (:func:`prune_encoder`), save it atomically.
 
     The output is a plain sentence-transformers folder (``SentenceTransformer(out_dir)``, with or without
@@ -530,6 +531,8 @@ def prune_sentence_encoder(src_dir: str | Path, out_dir: str | Path, heads_keep:
         method: "magnitude" (data-free) or "activation" (needs ``calibration_texts``).
         calibration_texts: texts for activation importance (e.g. item descriptions the retriever embeds).
         device: where to load and score; None = CUDA if available.
+        config: more resolved-config fields for the manifest (e.g. the CLI's config).
+        extra: more top-level manifest fields (e.g. the source retriever's texts).
 
     Returns:
         dict: :func:`prune_encoder`'s report (without the per-layer neuron indices) plus ``out_dir``,
@@ -546,7 +549,7 @@ def prune_sentence_encoder(src_dir: str | Path, out_dir: str | Path, heads_keep:
     }  # indices: up to L × 3072 ints, kept out of JSON
     report["embedding_dim"] = int(expected.shape[1])
     config = {"heads_keep": heads_keep, "neurons_keep": neurons_keep, "layers_keep": layers_keep, "method": method,
-              "calibration_texts": len(calibration_texts or [])}  # fmt: skip
+              "calibration_texts": len(calibration_texts or []), **(config or {})}  # fmt: skip
     with atomic_dir(out_dir) as tmp:
         model.save(str(tmp))
         reloaded = load_sentence_encoder(tmp, device=device)
@@ -557,7 +560,7 @@ def prune_sentence_encoder(src_dir: str | Path, out_dir: str | Path, heads_keep:
             )
         report["reload_max_abs_diff"] = diff
         write_manifest(
-            tmp, "prune", config={"kind": "sentence_encoder", **config}, parent=src_dir, metrics=report
+            tmp, "prune", config={"kind": "sentence_encoder", **config}, parent=src_dir, metrics=report, extra=extra
         )
     report["out_dir"] = str(Path(out_dir).expanduser().resolve())
     return report
