@@ -125,6 +125,8 @@ class EvalSection:
         speed_records (int): pointwise prompts scored per model for items/s. Default 128.
         speed_batch_size (int): batch size of the items/s measurement. Default 16.
         latency_requests (int): single-prompt (batch 1) calls per model for latency p50/p99. Default 32.
+        bootstrap_resamples (int): user resamples for the intervals of the final checks' AUC ratio and AUC
+            differences (``final.intervals``); 0 = none, else >= 100. Default 2000.
     """
 
     pointwise_task: Path | None = None
@@ -138,9 +140,15 @@ class EvalSection:
     speed_records: int = 128
     speed_batch_size: int = 16
     latency_requests: int = 32
+    bootstrap_resamples: int = 2000
 
     def __post_init__(self) -> None:
         validate_fields(self)
+        check(
+            self.bootstrap_resamples == 0 or self.bootstrap_resamples >= 100,
+            "bootstrap_resamples",
+            f"must be 0 (no intervals) or >= 100, got {self.bootstrap_resamples}",
+        )
         for key in ("pointwise_max_records", "candidates_max_records"):
             value = getattr(self, key)
             check(value is None or value > 0, key, f"must be > 0 or null (= all records), got {value}")

@@ -169,8 +169,40 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return float(a) / float(b)
 
 
-def final_checks(stages: list[dict], ablations: list[dict]) -> dict[str, Any]:
-    """The final student against the teacher and the ablations, with the issue's targets (met, and by how much)."""
+def auc_intervals(eval_dirs: dict[str, Path], final: str, reference: str, others: list[str],
+                  n_resamples: int) -> dict[str, Any]:  # fmt: skip
+    """Paired cluster-bootstrap intervals (users resampled) of the final model's test AUC against ``reference``
+    (ratio and difference) and against each of ``others`` (difference), from the ``pointwise/predictions.parquet``
+    each evaluation wrote. {} when a file is missing or the records differ (then the comparison is not paired).
+    """
+    import pandas as pd
+
+    from recsys_slm.metrics.bootstrap import paired_metric_ci
+    from recsys_slm.metrics.classification import auc
+
+    frames = {}
+    for name in [final, reference, *others]:
+        path = Path(eval_dirs[name]) / "pointwise" / "predictions.parquet"
+        if not path.is_file():
+            return {}
+        frames[name] = pd.read_parquet(path, columns=["record", "user_id", "label", "score"])
+    base = frames[final]
+    for f in frames.values():
+        if len(f) != len(base) or not (f["label"].to_numpy() == base["label"].to_numpy()).all():
+            return {}
+    labels, users = base["label"].to_numpy(), base["user_id"].astype(str).tolist()
+    out = {"method": "paired cluster bootstrap over users (recsys_slm.metrics.bootstrap.paired_metric_ci)"}
+    for name in [reference, *others]:
+        out[name] = paired_metric_ci(auc, labels, frames[name]["score"], base["score"], users,
+                                     n_resamples=n_resamples)  # fmt: skip
+    return out
+
+
+def final_checks(stages: list[dict], ablations: list[dict], intervals: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The final student against the teacher and the ablations, with the issue's targets (met, and by how much).
+
+    With ``intervals`` (:func:`auc_intervals`), the AUC checks carry ``interval``: the 95% interval of the ratio
+    (vs the teacher) or of the difference (vs an ablation)."""
     by = {s["name"]: s for s in stages}
     teacher, final = by.get("teacher"), by.get("redistill")
     if teacher is None or final is None:
@@ -193,14 +225,19 @@ def final_checks(stages: list[dict], ablations: list[dict]) -> dict[str, Any]:
 
     add("non_embedding_params / teacher <= 1/3", ratios["non_embedding_param_ratio"],
         TARGETS["non_embedding_param_ratio_max"], False)  # fmt: skip
+    intervals = intervals or {}
     add("test AUC / teacher >= 0.97", ratios["auc_ratio"], TARGETS["auc_ratio_min"], True)
+    if "teacher" in intervals:
+        checks[-1]["interval"] = [intervals["teacher"]["low"], intervals["teacher"]["high"]]
     add("items/s / teacher >= 2", ratios["speedup"], TARGETS["speedup_min"], True)
     for a in ablations:
         add(f"test AUC - ablation {a['name']} > 0", None if f["auc"] is None or a["metrics"]["auc"] is None
             else f["auc"] - a["metrics"]["auc"], 0.0, True)  # fmt: skip
         if checks[-1]["met"] is not None:
             checks[-1]["met"] = checks[-1]["value"] > 0
-    return {"name": "redistill", "vs_teacher": ratios, "checks": checks}
+        if a["name"] in intervals:
+            checks[-1]["interval"] = [intervals[a["name"]]["diff_low"], intervals[a["name"]]["diff_high"]]
+    return {"name": "redistill", "vs_teacher": ratios, "checks": checks, "intervals": intervals}
 
 
 def build_report(run, models, quality: dict[str, dict], baselines: dict[str, dict], prompt,
@@ -227,6 +264,11 @@ def build_report(run, models, quality: dict[str, dict], baselines: dict[str, dic
         {"name": name, "metrics": {k: v for k, v in values.items()}}
         for name, values in baselines.items() if not name.startswith("_")
     ]  # fmt: skip
+    intervals = {}
+    names = {s["name"] for s in stages}
+    if e.bootstrap_resamples and e.pointwise and {"teacher", "redistill"} <= names:
+        intervals = auc_intervals({m.name: run.out / "eval" / m.name for m in models}, "redistill", "teacher",
+                                  [a["name"] for a in ablations], e.bootstrap_resamples)  # fmt: skip
     records_by_kind = (quality.get("teacher") or {}).get("_records", {})
     notes = []
     if cfg.note:
@@ -239,7 +281,7 @@ def build_report(run, models, quality: dict[str, dict], baselines: dict[str, dic
         "stages": stages,
         "ablations": ablations,
         "baselines": baseline_rows,
-        "final": final_checks(stages, ablations),
+        "final": final_checks(stages, ablations, intervals),
         "redistill_teacher_source": cfg.redistill["teacher_source"],
         "eval": {
             "pointwise_task": str(run.pointwise_task()) if e.pointwise else None,
@@ -320,10 +362,15 @@ def markdown(report: dict[str, Any]) -> str:
     ]
     final = report.get("final") or {}
     if final:
-        lines += ["## Final student vs teacher", "", "| check | value | target | met |", "|---|---|---|---|"]
+        lines += ["## Final student vs teacher", "", "| check | value | 95% interval | target | met |",
+                  "|---|---|---|---|---|"]  # fmt: skip
         for c in final["checks"]:
             met = "–" if c["met"] is None else ("yes" if c["met"] else f"**no** (by {_fmt(abs(c['margin']))})")
-            lines.append(f"| {c['check']} | {_fmt(c['value'])} | {_fmt(c['target'])} | {met} |")
+            ci = f"[{_fmt(c['interval'][0])}, {_fmt(c['interval'][1])}]" if c.get("interval") else "–"
+            lines.append(f"| {c['check']} | {_fmt(c['value'])} | {ci} | {_fmt(c['target'])} | {met} |")
+        if final.get("intervals"):
+            lines += ["", "Intervals: paired bootstrap over users (each drawn user brings all their records, "
+                      "for both models), so they are wide when the task has few users."]  # fmt: skip
         lines.append("")
     lines += [f"![quality vs cost]({PLOT_FILE})", "", "Schema and definitions: `docs/compress.md`.", ""]
     return "\n".join(lines)

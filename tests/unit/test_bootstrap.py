@@ -7,7 +7,14 @@ import math
 import numpy as np
 import pytest
 
-from recsys_slm.metrics.bootstrap import mean_ci, paired_ratio_ci, per_user_values
+from recsys_slm.metrics.bootstrap import (
+    _user_draws,
+    mean_ci,
+    paired_metric_ci,
+    paired_ratio_ci,
+    per_user_values,
+)
+from recsys_slm.metrics.classification import auc
 
 
 def _naive_percentile(stat, arrays, n=4000, level=0.95, seed=123):
@@ -77,3 +84,39 @@ def test_paired_ratio_edge_cases():
     # only shared users are compared
     got = paired_ratio_ci(per_user_values([1.0, 1.0], ["u0", "x"]), same)
     assert got["users"] == 1 and math.isnan(got["ratio"])
+
+
+def test_paired_metric_ci_is_a_cluster_bootstrap_over_users():
+    """Pinned against a loop over the same user draws: each drawn user brings all their records, for both models."""
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(3)
+    users = np.repeat([f"u{i}" for i in range(25)], 12)
+    y = (rng.random(users.size) < 0.4).astype(int)
+    a = y + rng.normal(0, 1.0, users.size)
+    b = y + rng.normal(0, 0.8, users.size)
+    got = paired_metric_ci(auc, y, a, b, users, n_resamples=300, seed=7)
+    assert got["base"] == pytest.approx(roc_auc_score(y, a)) and got["other"] == pytest.approx(
+        roc_auc_score(y, b)
+    )
+    assert (
+        got["ratio"] == pytest.approx(got["other"] / got["base"])
+        and got["users"] == 25
+        and got["records"] == 300
+    )
+    uniq = sorted(set(users.tolist()))
+    ratios, diffs = [], []
+    for draw in _user_draws(25, 300, 7):
+        rows = np.concatenate([np.flatnonzero(users == uniq[i]) for i in draw])
+        ra, rb = roc_auc_score(y[rows], a[rows]), roc_auc_score(y[rows], b[rows])
+        ratios.append(rb / ra)
+        diffs.append(rb - ra)
+    assert [got["low"], got["high"]] == pytest.approx(np.percentile(ratios, [2.5, 97.5]).tolist())
+    assert [got["diff_low"], got["diff_high"]] == pytest.approx(np.percentile(diffs, [2.5, 97.5]).tolist())
+    # the same scorer twice: no difference in any resample
+    same = paired_metric_ci(auc, y, a, a, users, n_resamples=200)
+    assert (same["low"], same["high"], same["diff_low"], same["diff_high"]) == (1.0, 1.0, 0.0, 0.0)
+    one = paired_metric_ci(auc, y[:12], a[:12], b[:12], users[:12])
+    assert one["users"] == 1 and math.isnan(one["low"])
+    with pytest.raises(ValueError, match="must match"):
+        paired_metric_ci(auc, y, a[:-1], b, users)

@@ -152,6 +152,7 @@ def test_bad_keys_name_the_key(tmp_path):
         ({"ablations": ["prune_only", "distill_oly"]}, "ablations[1]"),
         ({"regrow": 1.5}, "regrow"),
         ({"eval": {"speed_records": 0}}, "eval.speed_records"),
+        ({"eval": {"bootstrap_resamples": 10}}, "eval.bootstrap_resamples"),
         ({"cache": {"top_k": -1}}, "cache.top_k"),
         ({"ablation_train": {"student": {}}}, "ablation_train.student"),
         ({"teacher": ""}, "teacher"),
@@ -212,6 +213,14 @@ def test_pipeline_end_to_end_skip_and_from_stage(teacher_dir, tiny_data_dir, tmp
     assert by["prune_sft"]["train"]["steps"] == 2 and by["redistill"]["train"]["steps"] == 3
     assert report["final"]["vs_teacher"]["non_embedding_param_ratio"] < 0.5
     assert len(report["final"]["checks"]) == 3 + 4
+    # paired bootstrap intervals of the AUC checks, from the evaluations' predictions (same records)
+    iv = report["final"]["intervals"]
+    assert set(iv) == {"method", "teacher", "prune_only", "prune_sft", "distill_only", "redistill_from_distill"}
+    assert iv["teacher"]["ratio"] == pytest.approx(report["final"]["vs_teacher"]["auc_ratio"])
+    auc_checks = [c for c in report["final"]["checks"] if "AUC" in c["check"]]
+    assert len(auc_checks) == 5 and all(len(c["interval"]) == 2 for c in auc_checks)
+    for a in ("prune_only", "distill_only"):
+        assert iv[a]["diff"] == pytest.approx(by["redistill"]["metrics"]["auc"] - by[a]["metrics"]["auc"])
 
     saved = json.loads((out / "report.json").read_text())
     assert saved["stages"][3]["metrics"]["auc"] == report["stages"][3]["metrics"]["auc"]
