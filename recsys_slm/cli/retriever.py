@@ -52,7 +52,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "Keys: docs/retriever.md.",
     )
     _common_flags(prune)
-    add_config_args(prune, "neurons_keep=0.5 layers_keep=0.67")
+    add_config_args(prune, "neurons_keep=0.5 layers_keep=0.66")
     prune.set_defaults(func=run_prune)
 
     cand = rsub.add_parser(
