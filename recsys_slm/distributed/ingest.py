@@ -218,7 +218,11 @@ def validate_batch(
             dropped[key] = dropped.get(key, 0) + value
         out.append(log.interactions.assign(**{PATH_COLUMN: str(path)}))
     if dropped and counter is not None:
-        counter.add.remote(dropped)
+        # wait for the actor: a fire-and-forget call can still be in flight when the driver reads the totals
+        # (calls from different processes are not ordered), and the count would be lost
+        import ray
+
+        ray.get(counter.add.remote(dropped))
     if not out:
         return batch.iloc[:0]
     return pd.concat(out, ignore_index=True)
@@ -246,7 +250,9 @@ def user_records(group: pd.DataFrame, history_len: int, like_threshold: float, o
         log = validate_log(inter, catalogue, None, files={"interactions": " + ".join(paths), "items": "items"},
                            on_invalid=on_invalid)  # fmt: skip
         if log.dropped and counter is not None:
-            counter.add.remote(log.dropped)
+            import ray
+
+            ray.get(counter.add.remote(log.dropped))  # waited for, as in validate_batch
         inter = log.interactions
     log = InteractionLog(interactions=inter, items=pd.DataFrame({"item_id": [], "title": []}))
     task_cfg = PointwiseTaskConfig(
