@@ -173,7 +173,8 @@ def auc_intervals(eval_dirs: dict[str, Path], final: str, reference: str, others
                   n_resamples: int) -> dict[str, Any]:  # fmt: skip
     """Paired cluster-bootstrap intervals (users resampled) of the final model's test AUC against ``reference``
     (ratio and difference) and against each of ``others`` (difference), from the ``pointwise/predictions.parquet``
-    each evaluation wrote. {} when a file is missing or the records differ (then the comparison is not paired).
+    each evaluation wrote. ``{"unavailable": reason}`` when a file is missing or the records differ (then the
+    comparison is not paired).
     """
     import pandas as pd
 
@@ -184,12 +185,12 @@ def auc_intervals(eval_dirs: dict[str, Path], final: str, reference: str, others
     for name in [final, reference, *others]:
         path = Path(eval_dirs[name]) / "pointwise" / "predictions.parquet"
         if not path.is_file():
-            return {}
-        frames[name] = pd.read_parquet(path, columns=["record", "user_id", "label", "score"])
+            return {"unavailable": f"{path} is missing"}
+        frames[name] = pd.read_parquet(path, columns=["user_id", "label", "score"])
     base = frames[final]
-    for f in frames.values():
+    for name, f in frames.items():
         if len(f) != len(base) or not (f["label"].to_numpy() == base["label"].to_numpy()).all():
-            return {}
+            return {"unavailable": f"{name}'s pointwise records differ from {final}'s"}
     labels, users = base["label"].to_numpy(), base["user_id"].astype(str).tolist()
     out = {"method": "paired cluster bootstrap over users (recsys_slm.metrics.bootstrap.paired_metric_ci)"}
     for name in [reference, *others]:
@@ -264,15 +265,15 @@ def build_report(run, models, quality: dict[str, dict], baselines: dict[str, dic
         {"name": name, "metrics": {k: v for k, v in values.items()}}
         for name, values in baselines.items() if not name.startswith("_")
     ]  # fmt: skip
+    notes = [cfg.note] if cfg.note else []
     intervals = {}
     names = {s["name"] for s in stages}
     if e.bootstrap_resamples and e.pointwise and {"teacher", "redistill"} <= names:
         intervals = auc_intervals({m.name: run.out / "eval" / m.name for m in models}, "redistill", "teacher",
                                   [a["name"] for a in ablations], e.bootstrap_resamples)  # fmt: skip
+    if "unavailable" in intervals:  # said, not silently left out
+        notes.append(f"no AUC intervals: {intervals.pop('unavailable')}")
     records_by_kind = (quality.get("teacher") or {}).get("_records", {})
-    notes = []
-    if cfg.note:
-        notes.append(cfg.note)
     if records.get("regrow") is not None:
         notes.append(f"redistill starts from the pruned model with {cfg.regrow:.0%} of the removed heads/neurons "
                      f"re-added ({cfg.regrow_init} init, function-preserving): see {run.out / '02_regrow'}")  # fmt: skip

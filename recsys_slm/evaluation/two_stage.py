@@ -46,7 +46,7 @@ from recsys_slm.metrics.bootstrap import (
     paired_ratio_ci,
     per_user_values,
 )
-from recsys_slm.metrics.ranking import ndcg_at_k, rank_of_targets, ranking_metrics
+from recsys_slm.metrics.ranking import metrics_from_ranks, ndcg_at_k, rank_of_targets
 from recsys_slm.model_dir import (
     atomic_dir,
     code_version,
@@ -267,11 +267,9 @@ def evaluate_two_stage(config: TwoStageConfig) -> dict[str, Any]:
         ids = [[str(i) for i in c] for c in frame["candidate_item_ids"]]
         labels = [np.asarray(c, dtype=np.int64) for c in frame["candidate_labels"]]
         scores = [np.asarray(s, dtype=np.float64) for s in frame["retriever_scores"]]
-        row(RETRIEVER_ORDER, RETRIEVER_ORDER, ranking_metrics(scores, labels, ids, config.ks, users),
-            ranks=rank_of_targets(scores, labels, ids))  # fmt: skip
-        oracle = [lab.astype(np.float64) for lab in labels]
-        row(ORACLE, ORACLE, ranking_metrics(oracle, labels, ids, config.ks, users),
-            ranks=rank_of_targets(oracle, labels, ids))  # fmt: skip
+        for name, by in ((RETRIEVER_ORDER, scores), (ORACLE, [lab.astype(np.float64) for lab in labels])):
+            ranks = rank_of_targets(by, labels, ids)
+            row(name, name, metrics_from_ranks(ranks, config.ks, users), ranks=ranks)
         if config.baselines:
             b_key = {"retrieval": cand.name, "ks": config.ks}
             b_dir = _cell(

@@ -19,30 +19,21 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from recsys_slm.metrics.ranking import user_means
+
 DEFAULT_RESAMPLES = 2000
 DEFAULT_LEVEL = 0.95
 
 
 def per_user_values(values, user_ids: Sequence) -> dict[str, float]:
-    """Each user's mean of ``values`` over their queries.
-
-    Args:
-        values (array (Q,)): one metric value per query.
-        user_ids (sequence (Q,)): the user of each query.
-
-    Returns:
-        dict[str, float]: user id (as str) -> mean over that user's queries.
+    """Each user's mean of ``values`` over their queries, as user id (str) -> mean
+    (:func:`recsys_slm.metrics.ranking.user_means`).
 
     Raises:
         ValueError: length mismatch.
     """
-    v = np.asarray(values, dtype=np.float64).reshape(-1)
-    users = np.asarray([str(u) for u in user_ids], dtype=object)
-    if users.shape[0] != v.shape[0]:
-        raise ValueError(f"{users.shape[0]} user ids for {v.shape[0]} values")
-    uniq, inverse = np.unique(users, return_inverse=True)
-    means = np.bincount(inverse, weights=v, minlength=len(uniq)) / np.bincount(inverse, minlength=len(uniq))
-    return {str(u): float(m) for u, m in zip(uniq, means, strict=True)}
+    users, means = user_means(values, user_ids)
+    return {str(u): float(m) for u, m in zip(users, means, strict=True)}
 
 
 def _interval(data: tuple[np.ndarray, ...], statistic, level: float, n_resamples: int, seed: int):

@@ -125,6 +125,28 @@ def ndcg_at_k(ranks_list: Sequence[np.ndarray], k: int) -> np.ndarray:
     return out
 
 
+def user_means(values, user_ids: Sequence) -> tuple[np.ndarray, np.ndarray]:
+    """Each user's mean over their queries.
+
+    Args:
+        values (array (Q,)): one value per query.
+        user_ids (sequence (Q,)): the user of each query.
+
+    Returns:
+        (np.ndarray (U,) of str, np.ndarray (U,) float64): the users (sorted, as str) and their means.
+
+    Raises:
+        ValueError: length mismatch.
+    """
+    v = np.asarray(values, dtype=np.float64).reshape(-1)
+    users = np.asarray([str(u) for u in user_ids], dtype=object)
+    if users.shape[0] != v.shape[0]:
+        raise ValueError(f"{users.shape[0]} user ids for {v.shape[0]} values")
+    uniq, inverse = np.unique(users, return_inverse=True)
+    n = len(uniq)
+    return uniq, np.bincount(inverse, weights=v, minlength=n) / np.bincount(inverse, minlength=n)
+
+
 def per_user_mean(values, user_ids: Sequence | None = None) -> float:
     """Mean over users of the mean over each user's queries (plain mean when ``user_ids`` is None).
 
@@ -140,13 +162,7 @@ def per_user_mean(values, user_ids: Sequence | None = None) -> float:
         return math.nan
     if user_ids is None:
         return float(v.mean())
-    users = np.asarray([str(u) for u in user_ids], dtype=object)
-    if users.shape[0] != v.shape[0]:
-        raise ValueError(f"{users.shape[0]} user ids for {v.shape[0]} values")
-    _, inverse = np.unique(users, return_inverse=True)
-    sums = np.bincount(inverse, weights=v)
-    counts = np.bincount(inverse)
-    return float(np.mean(sums / counts))
+    return float(np.mean(user_means(v, user_ids)[1]))
 
 
 _PER_QUERY = {"ndcg": ndcg_at_k, "recall": recall_at_k, "mrr": mrr_at_k}
@@ -173,7 +189,13 @@ def ranking_metrics(
     Returns:
         dict[str, float]: e.g. ``{"ndcg@1": ..., "ndcg@5": ..., "recall@10": ..., "mrr@10": ...}``.
     """
-    ranks = rank_of_targets(scores_list, labels_list, item_ids_list)
+    return metrics_from_ranks(rank_of_targets(scores_list, labels_list, item_ids_list), ks, user_ids, prefix)
+
+
+def metrics_from_ranks(
+    ranks: Sequence[np.ndarray], ks: Sequence[int] = DEFAULT_KS, user_ids: Sequence | None = None, prefix: str = ""
+) -> dict[str, float]:
+    """:func:`ranking_metrics` from already computed :func:`rank_of_targets` output."""
     out: dict[str, float] = {}
     for name in METRIC_NAMES:
         for k in ks:

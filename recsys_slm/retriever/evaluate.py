@@ -39,7 +39,13 @@ import numpy as np
 import pandas as pd
 
 from recsys_slm.config import check, config_to_dict, from_dict, validate_fields
-from recsys_slm.metrics.bootstrap import DEFAULT_LEVEL, DEFAULT_RESAMPLES, per_user_values
+from recsys_slm.metrics.bootstrap import (
+    DEFAULT_LEVEL,
+    DEFAULT_RESAMPLES,
+    mean_ci,
+    paired_ratio_ci,
+    per_user_values,
+)
 from recsys_slm.metrics.ranking import candidate_ranks, mrr_at_k, ndcg_at_k, per_user_mean, recall_at_k
 from recsys_slm.model_dir import (
     atomic_dir,
@@ -727,8 +733,6 @@ def attach_intervals(
         per_user (dict[str, dict[str, float]]): tag -> user -> per-user primary metric.
         primary_tag (str): the primary configuration.
     """
-    from recsys_slm.metrics.bootstrap import mean_ci, paired_ratio_ci
-
     kw = {"level": level, "n_resamples": n_resamples, "seed": seed}
     full = {}
     for r in results:

@@ -416,3 +416,21 @@ def test_default_data_is_prepared_only_when_missing(tiny_data_dir, tmp_path, mon
     pipeline._Run(from_dict(CompressConfig, {**values, "data_dir": None}), None).ensure_default_data()
     pipeline._Run(from_dict(CompressConfig, values), None).ensure_default_data()
     assert len(calls) == 1
+
+
+def test_auc_intervals_say_why_they_are_missing(tmp_path):
+    import pandas as pd
+
+    from recsys_slm.compress.report import auc_intervals
+
+    for name, labels in (("teacher", [1, 0, 1, 0]), ("redistill", [1, 0, 1, 0]), ("other", [0, 0, 1, 1])):
+        (tmp_path / name / "pointwise").mkdir(parents=True)
+        pd.DataFrame({"user_id": ["a", "a", "b", "b"], "label": labels, "score": [0.9, 0.1, 0.8, 0.2]}).to_parquet(
+            tmp_path / name / "pointwise" / "predictions.parquet"
+        )
+    dirs = {n: tmp_path / n for n in ("teacher", "redistill", "other", "gone")}
+    got = auc_intervals(dirs, "redistill", "teacher", ["gone"], 100)
+    assert got == {"unavailable": f"{tmp_path / 'gone' / 'pointwise' / 'predictions.parquet'} is missing"}
+    got = auc_intervals(dirs, "redistill", "teacher", ["other"], 100)
+    assert got == {"unavailable": "other's pointwise records differ from redistill's"}
+    assert auc_intervals(dirs, "redistill", "teacher", [], 100)["teacher"]["ratio"] == 1.0
